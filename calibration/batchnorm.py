@@ -1,0 +1,80 @@
+"""BatchNorm re-estimation on D_tune after masking.
+
+Pruning shifts every activation's mean and variance; the BN running statistics of the dense
+model then normalise with the wrong numbers and one-shot pruning of conv nets collapses. We
+re-estimate them on D_tune only (SPEC §1), like ``torch.optim.swa_utils.update_bn``: each BN
+layer's statistics are the batch-size-weighted average of per-batch statistics.
+
+TorchScript constants (``momentum``) cannot be changed, so per batch we zero the running buffers,
+run the batch in train mode, and read the batch statistics back as running / momentum.
+A traced graph bakes ``training=False`` in: then re-estimation is impossible and we say so.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import batchnorm_modules
+
+
+def _momentum(bn: torch.nn.Module) -> float | None:
+    m = getattr(bn, "momentum", 0.1)
+    return None if m is None else float(m)
+
+
+def snapshot(module: torch.nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of every BN layer's running statistics (to restore after a level)."""
+    return [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+            for bn in batchnorm_modules(module)]
+
+
+@torch.no_grad()
+def load_snapshot(module: torch.nn.Module, snap: list[tuple[torch.Tensor, ...]]) -> None:
+    for bn, (mean, var, count) in zip(batchnorm_modules(module), snap):
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.copy_(count)
+
+
+@torch.no_grad()
+def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int) -> bool:
+    """Re-estimate BN statistics on ``x_tune`` (n_tune, *input_shape). False if the graph ignores train mode."""
+    bns = batchnorm_modules(module)
+    if not bns or x_tune.shape[0] == 0:
+        return False
+    sums_mean = [torch.zeros_like(bn.running_mean) for bn in bns]
+    sums_var = [torch.zeros_like(bn.running_var) for bn in bns]
+    seen = 0
+    before = snapshot(module)
+    try:
+        for bn in bns:
+            bn.train()
+        for start in range(0, x_tune.shape[0], batch_size):
+            xb = x_tune[start:start + batch_size]
+            if xb.shape[0] < 2 and seen:  # a batch of one has no variance; skip the tail
+                continue
+            for bn in bns:
+                bn.running_mean.zero_()
+                bn.running_var.zero_()
+                bn.num_batches_tracked.zero_()
+            module(xb)
+            for i, bn in enumerate(bns):
+                m = _momentum(bn)
+                factor = 1.0 if m is None else 1.0 / m
+                sums_mean[i] += bn.running_mean * factor * xb.shape[0]
+                sums_var[i] += bn.running_var * factor * xb.shape[0]
+            if seen == 0 and all(not bn.running_var.any() for bn in bns):
+                load_snapshot(module, before)
+                return False  # training flag is baked into the graph (traced model)
+            seen += xb.shape[0]
+    finally:
+        for bn in bns:
+            bn.eval()
+    for i, bn in enumerate(bns):
+        bn.running_mean.copy_(sums_mean[i] / seen)
+        bn.running_var.copy_(sums_var[i] / seen)
+        bn.num_batches_tracked.fill_(1)
+    return True
+
+
+__all__ = ["load_snapshot", "reestimate", "snapshot"]

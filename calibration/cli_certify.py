@@ -1,0 +1,106 @@
+"""``certiprune certify``: offline certification, no server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import BOUNDS, CRITERIA, PROCEDURES, RISKS
+from .errors import CalibrationError
+
+EXAMPLES = """examples:
+  certiprune certify model.pt --data cal.npz --out pruned.pt
+  certiprune certify model.pt --data cal.npz --criterion magnitude mu --epsilon 0.02 --delta 0.05 \\
+      --out pruned.pt --report report.json
+"""
+
+
+def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Certify how far a TorchScript model can be pruned "
+                                "(Learn then Test) and write the pruned model.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="TorchScript archive (torch.jit.save)")
+    p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x and optional y")
+    p.add_argument("--out", required=True, help="where to write the pruned TorchScript model")
+    p.add_argument("--report", help="write the result JSON here (and a PNG plot beside it)")
+    p.add_argument("--uncertainty", help="safetensors of per-parameter training statistics (criterion mu)")
+    p.add_argument("--criterion", nargs="+", choices=CRITERIA)
+    p.add_argument("--scope", choices=("global", "layerwise"))
+    p.add_argument("--risk", choices=RISKS)
+    p.add_argument("--epsilon", type=float)
+    p.add_argument("--delta", type=float)
+    p.add_argument("--bound", choices=BOUNDS)
+    p.add_argument("--procedure", choices=PROCEDURES)
+    p.add_argument("--sparsities", help="comma-separated increasing list, e.g. 0.1,0.2,0.3")
+    p.add_argument("--tune-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--full-curve", action="store_true", help="evaluate every level, also after testing stopped")
+    p.add_argument("--exclude-first-last", action="store_true")
+    p.add_argument("--config", help="JSON object with any config fields (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = json.loads(args.config) if args.config else {}
+    for key in ("criterion", "scope", "risk", "epsilon", "delta", "bound", "procedure", "tune_fraction",
+                "seed", "batch_size", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    if args.sparsities:
+        try:
+            cfg["sparsities"] = [float(s) for s in args.sparsities.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"--sparsities must be comma-separated numbers; got {args.sparsities!r}")
+    if args.full_curve:
+        cfg["full_curve"] = True
+    if args.exclude_first_last:
+        cfg["exclude_first_last"] = True
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import certify
+    from .report import format_summary, plot_risk_curve
+
+    console = Console(stderr=True)
+    try:
+        cfg = config_from_args(args)
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]error:[/red] --config is not valid JSON: {exc}")
+        return 2
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, disable=args.quiet, transient=True) as bar:
+            task = bar.add_task("starting", total=1)
+
+            def on_progress(p: Any) -> None:
+                bar.update(task, description=f"{p.stage}: {p.message}", completed=p.done, total=max(p.total, 1))
+
+            cert = certify(args.model, args.data, cfg, out=args.out, uncertainty=args.uncertainty,
+                           progress=on_progress)
+    except CalibrationError as exc:
+        console.print(f"[red]error ({exc.code}):[/red] {exc}")
+        return 2
+    print(format_summary(cert.result))
+    print(f"\npruned model written to {args.out} (sha256 {cert.result['artifact_sha256']})")
+    if args.report:
+        report = Path(args.report)
+        report.write_text(json.dumps(cert.result, indent=2))
+        png = plot_risk_curve(cert.result, report.with_suffix(".png"))
+        print(f"report written to {report} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The evaluation engine: dense once → levels in ascending order → losses → p-values → stop.
+
+Data flows one way (MAPIE's split): predictions → per-sample losses (``risks``) → p-values
+(``p_values``) → family-wise procedure (``procedures``) → certified level. The split into
+D_tune / D_cal happens once, first; scores, BN re-estimation and pseudo-labels see D_tune only,
+p-values see D_cal only, so the Learn-then-Test guarantee of SPEC §1 holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import batchnorm
+from .config import LABELLED_RISKS, CertifyConfig, validate_config
+from .criteria import ScoreContext, get_criterion
+from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
+from .errors import CancelledError, ConfigError, ModelError
+from .masks import NestedMasks, apply_masks, restore
+from .model import PrunableWeight, batchnorm_modules, find_prunable, load_model, resolve_device, save_model
+from .p_values import p_value, resolve_bound, upper_confidence_bound
+from .procedures import get_procedure, split_delta
+from .risks import empirical_risk, per_sample_losses
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: ``stage`` in loading|scoring|dense|testing|saving, ``done`` of ``total``."""
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+@dataclass
+class Certificate:
+    """The outcome: ``result`` is the §3 result object (JSON-ready)."""
+
+    result: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.result)
+
+    @property
+    def certified_sparsity(self) -> float:
+        return float(self.result["certified_sparsity"])
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@contextlib.contextmanager
+def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Evaluate in the precision the artifact will run at; fp32 (exact) unless asked otherwise."""
+    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision in ("bf16", "fp16") and device.type == "cuda":
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Top-1 predictions (n_samples,) int64 on x's device."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        if should_stop is not None and should_stop():
+            raise CancelledError()
+        logits = module(x[start:start + batch_size])
+        out.append(logits.argmax(dim=1))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=x.device)
+
+
+@torch.no_grad()
+def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
+                         should_stop: Callable[[], bool] | None) -> tuple[torch.Tensor, int]:
+    """Dense predictions over all samples, checking the model's contract (logits (N, classes), finite)."""
+    preds = []
+    n_classes = -1
+    for start in range(0, x.shape[0], batch_size):
+        if should_stop is not None and should_stop():
+            raise CancelledError()
+        xb = x[start:start + batch_size]
+        try:
+            logits = module(xb)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(
+                f"The model failed on a batch of inputs of shape {list(xb.shape)}: {first}. "
+                "Check that the data's input shape matches what the model expects.",
+                code="model_forward_failed",
+            ) from exc
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"The model must return logits of shape (batch, classes); for a batch of {xb.shape[0]} it returned {shape}.",
+                code="model_bad_output",
+            )
+        if logits.shape[1] < 2:
+            raise ModelError(f"The model returns {logits.shape[1]} class score(s); at least 2 are needed.",
+                             code="model_bad_output")
+        if not torch.isfinite(logits).all():
+            raise ModelError("The dense model returns NaN or infinite logits on the calibration data.",
+                             code="model_output_not_finite")
+        n_classes = logits.shape[1]
+        preds.append(logits.argmax(dim=1))
+    return torch.cat(preds), n_classes
+
+
+def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: float, delta: float,
+                       n_cal: int, criterion: str) -> str:
+    """The guarantee in plain words (SPEC §1), for every report."""
+    what = {
+        "accuracy_drop": f"its accuracy is at most {epsilon:.4g} below the dense model's (accuracy drop ≤ {epsilon:.4g})",
+        "disagreement": f"its top-1 prediction differs from the dense model's on at most a {epsilon:.4g} fraction of inputs",
+        "error_rate": f"its error rate is at most {epsilon:.4g}",
+    }[risk]
+    assumption = (f"over the draw of the {n_cal} calibration samples, assuming they are i.i.d. draws from "
+                  "the distribution the model will be deployed on")
+    if certified:
+        return (f"With probability at least {1 - delta:.4g} {assumption}, the model pruned to "
+                f"{sparsity:.2%} sparsity ({criterion}) satisfies: {what}.")
+    return (f"No sparsity level could be certified at ε = {epsilon:.4g}, δ = {delta:.4g} with {n_cal} "
+            "calibration samples: the dense model is returned unchanged (certified: false). More calibration "
+            "data, a larger ε or a finer grid at low sparsity may help.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Run:
+    """State of one certification: the live module, originals, data on the device."""
+
+    def __init__(self, cfg: CertifyConfig, progress: ProgressFn | None, should_stop: Callable[[], bool] | None):
+        self.cfg = cfg
+        self._progress = progress
+        self.should_stop = should_stop
+        self.timings: dict[str, float] = {}
+
+    def report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        if stage != "done" and self.should_stop is not None and self.should_stop():
+            raise CancelledError()
+        if self._progress is not None:
+            self._progress(Progress(stage, done, total, message))
+
+
+def _labels_needed(risk: str, data: CalibrationSet) -> None:
+    if risk in LABELLED_RISKS and not data.has_labels:
+        raise ConfigError(f"The risk {risk!r} needs labels but the data set has no 'y'. "
+                          "Use risk 'disagreement' (needs no labels) or upload labels.", code="risk_needs_labels")
+
+
+def certify(
+    model: str | os.PathLike,
+    data: str | os.PathLike | CalibrationSet,
+    config: dict[str, Any] | CertifyConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    uncertainty: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Certificate:
+    """Prune ``model`` at every level of the grid, test each on D_cal, return the certified one.
+
+    Writes the pruned TorchScript artifact to ``out`` (atomically) when given.
+    """
+    cfg = validate_config(config)
+    run = _Run(cfg, progress, should_stop)
+    t0 = time.perf_counter()
+    run.report("loading", 0, 1, "loading data and model")
+    data = data if isinstance(data, CalibrationSet) else load_calibration(data)
+    risk = cfg.resolved_risk(data.has_labels)
+    _labels_needed(risk, data)
+    device = resolve_device(cfg.device)
+    module = load_model(model, device)
+    weights = find_prunable(module, exclude_first_last=cfg.exclude_first_last)
+    has_bn = bool(batchnorm_modules(module))
+    use_bn = has_bn and (cfg.bn_recalibration if cfg.bn_recalibration is not None else True)
+    tune_fraction = cfg.resolved_tune_fraction(has_bn)
+    split = split_tune_cal(data.n, tune_fraction, cfg.seed)
+    if split.tune.size == 0:
+        data_criteria = [c for c in cfg.criterion if c == "obd" or (c == "mu" and uncertainty is None)]
+        if data_criteria or (use_bn and cfg.bn_recalibration):
+            what = f"criterion {data_criteria[0]!r}" if data_criteria else "BN re-estimation"
+            raise ConfigError(f"The {what} needs tuning data (D_tune) but tune_fraction is 0. "
+                              "Set tune_fraction > 0 (e.g. 0.25).", code="tune_data_required")
+        use_bn = False
+    bound = resolve_bound(cfg.bound, risk)
+    procedure = get_procedure(cfg.procedure)
+    x_all = torch.from_numpy(data.x).to(device)
+    x_cal = x_all[torch.from_numpy(split.cal).to(device)]
+    x_tune = x_all[torch.from_numpy(split.tune).to(device)]
+    del x_all
+    run.timings["load_s"] = time.perf_counter() - t0
+
+    with evaluation_precision(cfg.precision, device):
+        # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
+        t = time.perf_counter()
+        run.report("dense", 0, 1, "dense predictions")
+        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop)
+        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop)[0]
+                      if x_tune.shape[0] else torch.empty(0, dtype=torch.int64, device=device))
+        check_labels(data.y, n_classes)
+        y_cal = data.y[split.cal] if data.y is not None else None
+        y_tune = torch.from_numpy(data.y[split.tune]).to(device) if data.y is not None else dense_tune
+        dense_cal_np = dense_cal.cpu().numpy()
+        dense_accuracy = float(np.mean(dense_cal_np == y_cal)) if y_cal is not None else None
+        run.timings["dense_s"] = time.perf_counter() - t
+
+        params = [w.param for w in weights]
+        originals = [p.detach().clone() for p in params]
+        bn_dense = batchnorm.snapshot(module)
+
+        # Scores for every criterion (D_tune only), then nested masks from one sort each.
+        t = time.perf_counter()
+        uncertainty_stats = None
+        if uncertainty is not None and "mu" in cfg.criterion:
+            from .uncertainty import load_uncertainty
+
+            uncertainty_stats = {k: v.to(device) for k, v in load_uncertainty(uncertainty, weights).items()}
+        ctx = ScoreContext(module=module, weights=weights, tune_x=x_tune if x_tune.shape[0] else None,
+                           tune_y=y_tune if x_tune.shape[0] else None, batch_size=cfg.batch_size, seed=cfg.seed,
+                           uncertainty=uncertainty_stats, mu_steps=cfg.mu_steps, mu_lr=cfg.mu_lr,
+                           obd_samples=cfg.obd_samples)
+        masks_by_criterion: dict[str, NestedMasks] = {}
+        for i, name in enumerate(cfg.criterion):
+            run.report("scoring", i, len(cfg.criterion), f"scoring weights by {name}")
+            scores = get_criterion(name)(ctx)
+            restore(params, originals)  # a criterion must leave the weights as it found them
+            masks_by_criterion[name] = NestedMasks.from_scores(scores, cfg.scope)
+            del scores
+        run.timings["scoring_s"] = time.perf_counter() - t
+
+        # Test every criterion's grid with its share of δ (Bonferroni across criteria).
+        t = time.perf_counter()
+        delta_each = split_delta(cfg.delta, len(cfg.criterion))
+        n_levels = len(cfg.sparsities)
+        total = n_levels * len(cfg.criterion)
+        per_criterion: list[dict[str, Any]] = []
+        bn_status = "no_batchnorm" if not has_bn else ("on" if use_bn else "off")
+        evaluated_levels = 0
+        for ci, name in enumerate(cfg.criterion):
+            masks = masks_by_criterion[name]
+            levels: list[dict[str, Any]] = []
+            p_values = np.full(n_levels, np.nan)
+            stopped = False
+            for j, sparsity in enumerate(cfg.sparsities):
+                run.report("testing", ci * n_levels + j, total, f"{name}: sparsity {sparsity:.2%}")
+                if stopped and not cfg.full_curve:
+                    levels.append({"sparsity": sparsity, "empirical_risk": None, "p_value": None,
+                                   "rejected": False, "evaluated": False, "upper_bound": None})
+                    continue
+                if sparsity == 0.0:
+                    # λ = 0 is the dense model itself: its risk is 0 by definition, no test is spent on it.
+                    p, risk_hat, ucb = 0.0, 0.0, 0.0
+                else:
+                    apply_masks(params, originals, masks.keep_masks(sparsity))
+                    if use_bn:
+                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size)
+                        if not ok:
+                            use_bn, bn_status = False, "unavailable_traced_graph"
+                            batchnorm.load_snapshot(module, bn_dense)
+                    pruned = predict(module, x_cal, cfg.batch_size, should_stop).cpu().numpy()
+                    losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
+                    p = float(p_value(bound, risk, losses, cfg.epsilon))
+                    risk_hat = float(empirical_risk(losses))
+                    ucb = float(upper_confidence_bound(bound, risk, losses, delta_each))
+                    evaluated_levels += 1
+                p_values[j] = p
+                if procedure.stops_early and p > delta_each:
+                    stopped = True
+                levels.append({"sparsity": sparsity, "empirical_risk": risk_hat, "p_value": p,
+                               "rejected": False, "evaluated": True, "upper_bound": ucb})
+            rejected = procedure.rejected(p_values, delta_each)
+            for lvl, rej in zip(levels, rejected):
+                lvl["rejected"] = bool(rej)
+            chosen = procedure.select(rejected, np.asarray(cfg.sparsities))
+            certified_sparsity = float(cfg.sparsities[chosen]) if chosen is not None else 0.0
+            per_criterion.append({"criterion": name, "delta": delta_each, "certified_sparsity": certified_sparsity,
+                                  "certified": certified_sparsity > 0.0, "levels": levels})
+            restore(params, originals)
+            batchnorm.load_snapshot(module, bn_dense)
+        run.timings["testing_s"] = time.perf_counter() - t
+
+        # The winner: the largest certified sparsity (ties → the first criterion listed).
+        best = max(per_criterion, key=lambda c: c["certified_sparsity"])
+        certified_sparsity = best["certified_sparsity"]
+        certified = certified_sparsity > 0.0
+        masks = masks_by_criterion[best["criterion"]]
+        zeroed_per_layer = masks.zeroed_per_layer(certified_sparsity)
+        pruned_accuracy = dense_accuracy
+        if certified:
+            apply_masks(params, originals, masks.keep_masks(certified_sparsity))
+            if use_bn:
+                batchnorm.reestimate(module, x_tune, cfg.batch_size)
+            if y_cal is not None:
+                final = predict(module, x_cal, cfg.batch_size, should_stop).cpu().numpy()
+                pruned_accuracy = float(np.mean(final == y_cal))
+
+    layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
+               "sparsity": z / w.numel} for w, z in zip(weights, zeroed_per_layer)]
+    prunable = sum(w.numel for w in weights)
+    result: dict[str, Any] = {
+        "certified_sparsity": certified_sparsity,
+        "certified": certified,
+        "epsilon": cfg.epsilon,
+        "delta": cfg.delta,
+        "risk": risk,
+        "bound": bound,
+        "bound_requested": cfg.bound,
+        "procedure": cfg.procedure,
+        "criterion": best["criterion"],
+        "scope": cfg.scope,
+        "n_calibration": int(split.cal.size),
+        "n_tune": int(split.tune.size),
+        "seed": cfg.seed,
+        "dense_accuracy": dense_accuracy,
+        "pruned_accuracy": pruned_accuracy,
+        "prunable_parameters": prunable,
+        "zeroed_parameters": int(sum(zeroed_per_layer)),
+        "total_parameters": int(sum(p.numel() for p in module.parameters())),
+        "levels": best["levels"],
+        "criteria": per_criterion,
+        "layers": layers,
+        "bn_recalibration": bn_status,
+        "device": device.type,
+        "precision": cfg.precision,
+        "levels_evaluated": evaluated_levels,
+        "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
+                                        epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
+                                        criterion=best["criterion"]),
+        "artifact_sha256": None,
+    }
+    if out is not None:
+        run.report("saving", 0, 1, "saving the pruned model")
+        t = time.perf_counter()
+        if device.type != "cpu":
+            module.to("cpu")
+        save_model(module, out)
+        result["artifact_sha256"] = _sha256(Path(out))
+        result["artifact_bytes"] = Path(out).stat().st_size
+        run.timings["save_s"] = time.perf_counter() - t
+    run.timings["total_s"] = time.perf_counter() - t0
+    result["timings"] = {k: round(v, 4) for k, v in run.timings.items()}
+    run.report("done", 1, 1, "finished")
+    return Certificate(result=result, timings=run.timings)
+
+
+__all__ = ["Certificate", "Progress", "certify", "guarantee_sentence", "predict"]

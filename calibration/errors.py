@@ -1,0 +1,61 @@
+"""Exception types: every bad input has one, each with a stable snake_case ``code``.
+
+The service maps ``code`` and ``str(exc)`` straight into the §3 error body, so messages
+are written for a person: what was wrong, what was expected, what arrived, how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CalibrationError(ValueError):
+    """Base class. ``code`` is the machine-readable reason, the message is for people."""
+
+    code: str = "calibration_error"
+    http_status: int = 422
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(CalibrationError):
+    """A certification parameter is missing, of the wrong type or out of range."""
+
+    code = "invalid_config"
+
+
+class DataError(CalibrationError):
+    """The calibration data set is malformed (format, shapes, NaN, labels, pickles)."""
+
+    code = "invalid_data"
+
+
+class ModelError(CalibrationError):
+    """The model archive cannot be loaded, pruned or run on the data."""
+
+    code = "invalid_model"
+
+
+class UncertaintyError(CalibrationError):
+    """The uploaded per-parameter training statistics (for ``mu``) do not fit the model."""
+
+    code = "invalid_uncertainty"
+
+
+class CancelledError(Exception):
+    """Raised inside the engine when the caller's ``should_stop`` says so."""
+
+
+__all__ = [
+    "CalibrationError",
+    "CancelledError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "UncertaintyError",
+]
