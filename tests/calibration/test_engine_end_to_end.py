@@ -1,0 +1,144 @@
+"""certify() on real models and data: artifacts reload, zeros match, outputs match masking."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from calibration import certify
+from calibration.model import find_prunable
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _prunable_zeros(module: torch.nn.Module) -> tuple[int, int]:
+    ws = find_prunable(module)
+    return sum(int((w.param == 0).sum()) for w in ws), sum(w.numel for w in ws)
+
+
+def _global_magnitude_mask(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Independent re-computation: zero the round(λN) smallest |w| over all layers."""
+    flat = torch.cat([w.abs().flatten() for w in weights])
+    k = int(np.floor(sparsity * flat.numel() + 0.5))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.argsort(flat, stable=True)[:k]] = False
+    return list(torch.split(keep, [w.numel() for w in weights]))
+
+
+def test_traced_mlp_certifies_and_artifact_equals_masked_original(files, digits, tmp_path):
+    out = tmp_path / "pruned.pt"
+    cert = certify(files["mlp"], files["data_flat"], {"epsilon": 0.03, "delta": 0.1, "seed": 3}, out=out)
+    r = cert.result
+    assert r["certified"] and r["certified_sparsity"] >= 0.2
+    assert r["risk"] == "accuracy_drop" and r["bound"] == "binomial"
+    assert r["n_calibration"] == len(digits.y_cal) and r["n_tune"] == 0
+    assert r["artifact_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+    pruned = torch.jit.load(str(out))
+    zeros, total = _prunable_zeros(pruned)
+    assert total == r["prunable_parameters"]
+    assert zeros == r["zeroed_parameters"] == int(np.floor(r["certified_sparsity"] * total + 0.5))
+
+    original = torch.jit.load(str(files["mlp"]))
+    ws = [w.param.detach() for w in find_prunable(original)]
+    with torch.no_grad():
+        for w, keep in zip(ws, _global_magnitude_mask(ws, r["certified_sparsity"])):
+            w.mul_(keep.view(w.shape))
+        x = torch.from_numpy(digits.x_cal)
+        torch.testing.assert_close(pruned(x), original(x), rtol=0, atol=0)
+    # The reported level list is consistent with fixed-sequence testing.
+    tested = [lvl for lvl in r["levels"] if lvl["evaluated"]]
+    assert all(lvl["rejected"] for lvl in tested[:-1])
+    assert max(lvl["sparsity"] for lvl in r["levels"] if lvl["rejected"]) == r["certified_sparsity"]
+
+
+def test_scripted_cnn_with_batchnorm_reestimates_and_masks_weights(files, digits, tmp_path):
+    out = tmp_path / "cnn_pruned.pt"
+    cfg = {"epsilon": 0.05, "delta": 0.1, "sparsities": [round(0.1 * i, 1) for i in range(10)], "seed": 1}
+    r = certify(files["cnn"], files["data_img"], cfg, out=out).result
+    assert r["bn_recalibration"] == "on" and r["n_tune"] == int(len(digits.y_cal) * 0.25)
+    pruned = torch.jit.load(str(out))
+    zeros, total = _prunable_zeros(pruned)
+    assert zeros == r["zeroed_parameters"] == int(np.floor(r["certified_sparsity"] * total + 0.5))
+    # Prunable weights equal the masked originals; biases untouched; only BN statistics may differ.
+    original = torch.jit.load(str(files["cnn"]))
+    ws = [w.param.detach() for w in find_prunable(original)]
+    masks = _global_magnitude_mask(ws, r["certified_sparsity"])
+    pw = {w.name: w.param for w in find_prunable(pruned)}
+    for w, keep, name in zip(ws, masks, [w.name for w in find_prunable(original)]):
+        torch.testing.assert_close(pw[name], w * keep.view(w.shape), rtol=0, atol=0)
+    orig_params = dict(original.named_parameters())
+    for name, p in pruned.named_parameters():
+        if name not in pw:
+            torch.testing.assert_close(p, orig_params[name], rtol=0, atol=0)
+
+
+def test_batchnorm_reestimation_rescues_pruned_cnn(files, digits):
+    """At a high fixed sparsity, re-estimated BN statistics give a lower disagreement with the dense model."""
+    base = {"epsilon": 0.5, "delta": 0.1, "sparsities": [0.0, 0.7], "risk": "disagreement", "tune_fraction": 0.3}
+    with_bn = certify(files["cnn"], files["data_img"], {**base, "bn_recalibration": True}).result
+    without = certify(files["cnn"], files["data_img"], {**base, "bn_recalibration": False}).result
+    assert with_bn["bn_recalibration"] == "on" and without["bn_recalibration"] == "off"
+    assert with_bn["levels"][1]["empirical_risk"] < without["levels"][1]["empirical_risk"]
+
+
+def test_traced_batchnorm_graph_reports_reestimation_unavailable(files):
+    r = certify(files["cnn_traced"], files["data_img"], {"sparsities": [0.0, 0.3], "epsilon": 0.2}).result
+    assert r["bn_recalibration"] == "unavailable_traced_graph"
+
+
+def test_unlabeled_data_certifies_disagreement(files, digits, tmp_path):
+    path = tmp_path / "nolabels.npz"
+    np.savez(path, x=digits.x_cal)
+    r = certify(files["mlp"], path, {"epsilon": 0.05, "sparsities": [0.0, 0.1, 0.2, 0.3]}).result
+    assert r["risk"] == "disagreement" and r["dense_accuracy"] is None
+    assert r["levels"][1]["evaluated"]
+
+
+def test_several_criteria_split_delta_and_report_the_winner(files):
+    r = certify(files["mlp"], files["data_flat"], {"criterion": ["magnitude", "random"], "epsilon": 0.03,
+                                                   "sparsities": [round(0.05 * i, 2) for i in range(16)]}).result
+    assert [c["criterion"] for c in r["criteria"]] == ["magnitude", "random"]
+    assert all(c["delta"] == pytest.approx(0.05) for c in r["criteria"])
+    best = max(r["criteria"], key=lambda c: c["certified_sparsity"])
+    assert r["criterion"] == best["criterion"] and r["certified_sparsity"] == best["certified_sparsity"]
+    assert r["criteria"][0]["certified_sparsity"] >= r["criteria"][1]["certified_sparsity"]
+
+
+def test_layerwise_scope_prunes_every_layer_to_the_level(files, tmp_path):
+    out = tmp_path / "lw.pt"
+    r = certify(files["mlp"], files["data_flat"], {"scope": "layerwise", "epsilon": 0.05,
+                                                   "sparsities": [0.0, 0.1, 0.2, 0.3]}, out=out).result
+    s = r["certified_sparsity"]
+    assert s > 0
+    for layer in r["layers"]:
+        assert abs(layer["zeroed"] - s * layer["parameters"]) <= 0.5 + 1e-9
+
+
+def test_full_curve_evaluates_levels_after_the_stop(files):
+    r = certify(files["mlp"], files["data_flat"], {"epsilon": 0.01, "full_curve": True,
+                                                   "sparsities": [0.0, 0.3, 0.6, 0.9]}).result
+    assert all(lvl["evaluated"] for lvl in r["levels"])
+    assert r["levels"][-1]["empirical_risk"] > r["epsilon"]
+    assert not r["levels"][-1]["rejected"]
+
+
+def test_progress_callback_reports_stages_and_cancellation_stops(files):
+    from calibration import CancelledError
+
+    events = []
+    certify(files["mlp"], files["data_flat"], {"sparsities": [0.0, 0.1, 0.2]}, progress=events.append)
+    stages = [e.stage for e in events]
+    assert stages[0] == "loading" and "testing" in stages and stages[-1] == "done"
+    assert all(0 <= e.fraction <= 1 for e in events)
+    calls = {"n": 0}
+
+    def stop_after_a_while() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with pytest.raises(CancelledError):
+        certify(files["mlp"], files["data_flat"], {"full_curve": True}, should_stop=stop_after_a_while)
