@@ -45,16 +45,14 @@ inside the layer). ``wald_scores(..., fudge_quantile=None)`` gives the unmoderat
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError, ModelError, UncertaintyError
+from ..errors import ConfigError, UncertaintyError
 from ..model import PrunableWeight
 from . import ScoreContext
+from ._tune import differentiable, require_tune_data, tune_loss
 
 #: Quantile of a layer's positive σ̂ added to every σ̂ of the layer (see the module docstring).
 FUDGE_QUANTILE = 0.9
@@ -117,7 +115,7 @@ def trajectory_sigmas(ctx: ScoreContext) -> list[torch.Tensor]:
     Returns float32 tensors of the weights' shapes. The weights, their ``requires_grad`` flags
     and the module's train/eval mode are restored exactly before returning (also on error).
     """
-    tune_x, tune_y = _require_tune_data(ctx, "mu")
+    tune_x, tune_y = require_tune_data(ctx, "mu")
     steps = int(ctx.mu_steps)
     if steps < 2:
         raise ConfigError(f"The 'mu_steps' parameter must be an integer >= 2. Got {steps!r}.")
@@ -132,7 +130,7 @@ def trajectory_sigmas(ctx: ScoreContext) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(int(ctx.seed))
     lrs: list[float] | None = None
     # Everything allocated inside the block: callers may be in inference mode.
-    with _differentiable(ctx.module, params):
+    with differentiable(ctx.module, params):
         origin = [p.detach().clone() for p in params]
         # Welford on the displacement w_t − w_0: the variance is shift invariant and the
         # displacements are small, so float32 accumulators lose nothing to cancellation.
@@ -141,7 +139,7 @@ def trajectory_sigmas(ctx: ScoreContext) -> list[torch.Tensor]:
         try:
             for step in range(1, steps + 1):
                 idx = torch.randperm(n_tune, generator=gen)[:batch]
-                loss = _loss(ctx.module, tune_x, tune_y, idx, device)
+                loss = tune_loss(ctx.module, tune_x, tune_y, idx, device)
                 if not torch.isfinite(loss):
                     raise ConfigError(
                         f"The mu trajectory diverged (loss {float(loss)} at step {step}). Lower 'mu_lr' "
@@ -180,57 +178,6 @@ def _trust_ratio_lr(mu_lr: float, param: torch.Tensor, grad: torch.Tensor) -> fl
     if g_norm == 0.0 or w_norm == 0.0:
         return 0.0
     return float(mu_lr) * w_norm / g_norm
-
-
-def _require_tune_data(ctx: ScoreContext, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if ctx.tune_x is None or ctx.tune_y is None or ctx.tune_x.shape[0] == 0:
-        raise ConfigError(
-            f"The '{criterion}' criterion needs tuning data (D_tune) and none was given. Set "
-            "'tune_fraction' > 0 (default 0.25 for this criterion)"
-            + (", or upload training statistics for 'mu'." if criterion == "mu" else "."),
-            code="criterion_needs_tune_data",
-        )
-    return ctx.tune_x, ctx.tune_y.long()
-
-
-def _loss(module: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
-          device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the samples ``idx`` (indices into D_tune)."""
-    x = x_all[idx.to(x_all.device)].to(device)
-    y = y_all[idx.to(y_all.device)].to(device)
-    logits = module(x)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelError(
-            f"The model must return logits of shape (batch, classes); for a batch of {x.shape[0]} it returned {shape}.",
-            code="model_output_not_logits",
-        )
-    if y.numel() and int(y.max()) >= logits.shape[1]:
-        raise DataError(
-            f"Label {int(y.max())} is out of range for a model with {logits.shape[1]} outputs.",
-            code="labels_out_of_range",
-        )
-    return F.cross_entropy(logits.float(), y)
-
-
-@contextlib.contextmanager
-def _differentiable(module: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
-    """Eval mode and gradients on ``params`` for the block; flags and mode restored after.
-
-    Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is ever written.
-    """
-    was_training = module.training
-    flags = [p.requires_grad for p in params]
-    module.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for p in params:
-                p.requires_grad_(True)
-            yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        module.train(was_training)
 
 
 __all__ = ["FUDGE_QUANTILE", "MU_BATCH_SIZE", "TINY_RELATIVE", "scores", "trajectory_sigmas", "wald_scores"]

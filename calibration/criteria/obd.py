@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from . import ScoreContext
-from .mu import _differentiable, _loss, _require_tune_data  # shared D_tune plumbing
+from ._tune import differentiable, require_tune_data, tune_loss
 
 
 def scores(ctx: ScoreContext) -> list[torch.Tensor]:
@@ -34,7 +34,7 @@ def fisher_diagonal(ctx: ScoreContext) -> list[torch.Tensor]:
 
     Restores the ``requires_grad`` flags and train/eval mode; writes no ``.grad``.
     """
-    tune_x, tune_y = _require_tune_data(ctx, "obd")
+    tune_x, tune_y = require_tune_data(ctx, "obd")
     params = [w.param for w in ctx.weights]
     device = params[0].device
     n_tune = tune_x.shape[0]
@@ -44,11 +44,11 @@ def fisher_diagonal(ctx: ScoreContext) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(int(ctx.seed))
     # Sorted for memory locality; the Fisher is a mean, the order does not matter.
     chosen = torch.randperm(n_tune, generator=gen)[:m].sort().values
-    with _differentiable(ctx.module, params):  # allocate inside: callers may be in inference mode
+    with differentiable(ctx.module, params):  # allocate inside: callers may be in inference mode
         total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
         for i in chosen.tolist():
             idx = torch.tensor([i])
-            loss = _loss(ctx.module, tune_x, tune_y, idx, device)
+            loss = tune_loss(ctx.module, tune_x, tune_y, idx, device)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 for acc, g in zip(total, grads):
