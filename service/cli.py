@@ -1,0 +1,355 @@
+"""The ``certiprune`` command: serve, worker, certify (offline), submit (client), jobs, cancel.
+
+Heavy imports (torch, uvicorn, the app) happen inside the subcommands: spawned worker processes
+re-import the main module, and ``certiprune submit`` should start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# -- serve / worker -----------------------------------------------------------------------
+
+def _settings(overrides: dict[str, Any]):  # -> Settings
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        messages = "; ".join(str(e.get("msg", e)).removeprefix("Value error, ") for e in exc.errors())
+        print(f"certiprune: invalid configuration: {messages}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    settings = _settings({"host": args.host, "port": args.port, "data_dir": args.data_dir, "executor": args.executor})
+
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Scale-out: claim and run queued jobs from the shared store until SIGTERM/SIGINT."""
+    import signal
+
+    from .executors.local import LocalExecutor
+    from .store import JobStore
+
+    _configure_logging(args.log_level)
+    settings = _settings({"data_dir": args.data_dir, "max_concurrent_jobs": args.concurrency})
+    store = JobStore.from_url(settings.resolved_database_url)
+    executor = LocalExecutor(settings, store)
+
+    def stop(signum: int, _frame: Any) -> None:
+        executor.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    executor.run_forever()
+    store.close()
+    return 0
+
+
+def cmd_certify(argv: list[str]) -> int:
+    try:
+        from calibration import cli_certify  # type: ignore[attr-defined]
+    except ImportError as exc:
+        print(f"certiprune certify is not available in this installation: {exc}", file=sys.stderr)
+        return 2
+    return int(cli_certify.main(argv) or 0)
+
+
+# -- client -------------------------------------------------------------------------------
+
+class ClientError(Exception):
+    pass
+
+
+def _client(args: argparse.Namespace):  # -> httpx.Client
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.server.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0, connect=10.0))
+
+
+def _check(response: Any) -> Any:
+    if response.status_code < 400:
+        return response
+    try:
+        err = response.json()["error"]
+        raise ClientError(f"{err['code']}: {err['message']} (HTTP {response.status_code})")
+    except (ValueError, KeyError, TypeError):
+        raise ClientError(f"HTTP {response.status_code}: {response.text[:300]}") from None
+
+
+def _build_config(args: argparse.Namespace) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config[1:]).read_text() if args.config.startswith("@") else args.config
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ClientError(f"--config is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ClientError("--config must be a JSON object")
+    if args.criterion:
+        crit = [c.strip() for item in args.criterion for c in item.split(",") if c.strip()]
+        config["criterion"] = crit[0] if len(crit) == 1 else crit
+    for key in ("epsilon", "delta", "risk", "scope", "bound", "procedure", "seed", "device", "tune_fraction",
+                "batch_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    if args.sparsities:
+        config["sparsities"] = [float(s) for s in args.sparsities.split(",")]
+    return config
+
+
+def _wait(client: Any, job_id: str, quiet: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    job = _check(client.get(f"/v1/jobs/{job_id}")).json()
+    if quiet:
+        while job["status"] not in TERMINAL:
+            time.sleep(1.0)
+            job = _check(client.get(f"/v1/jobs/{job_id}")).json()
+        return job
+    columns = [TextColumn("[bold]{task.fields[status]}[/] {task.fields[stage]}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), TextColumn("{task.fields[message]}")]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(job_id, total=1.0, status=job["status"], stage="", message="")
+        while True:
+            p = job["progress"]
+            bar.update(task, completed=p["fraction"], status=job["status"], stage=p.get("stage") or "",
+                       message=(p.get("message") or "")[:60])
+            if job["status"] in TERMINAL:
+                return job
+            time.sleep(1.0)
+            job = _check(client.get(f"/v1/jobs/{job_id}")).json()
+
+
+def download_artifact(client: Any, job_id: str, out: Path) -> str:
+    """Stream the artifact to ``out`` (atomically) and verify it against X-Checksum-SHA256."""
+    import hashlib
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh, client.stream("GET", f"/v1/jobs/{job_id}/artifact") as response:
+            if response.status_code >= 400:
+                response.read()
+                _check(response)
+            expected = response.headers.get("x-checksum-sha256", "")
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+                fh.write(chunk)
+        if not expected or digest.hexdigest() != expected:
+            raise ClientError(f"Checksum mismatch for the artifact of {job_id}: server says {expected or 'nothing'}, "
+                              f"received {digest.hexdigest()}. Nothing was written; try again.")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    config = _build_config(args)
+    if not args.data and not args.dataset:
+        raise ClientError("give --data FILE or --dataset ds_…")
+    with _client(args) as client:
+        files: dict[str, Any] = {"model": (Path(args.model).name, open(args.model, "rb"), "application/octet-stream")}
+        form: dict[str, str] = {"config": json.dumps(config)}
+        if args.data:
+            files["data"] = (Path(args.data).name, open(args.data, "rb"), "application/octet-stream")
+        else:
+            form["dataset"] = args.dataset
+        if args.uncertainty:
+            files["uncertainty"] = (Path(args.uncertainty).name, open(args.uncertainty, "rb"),
+                                    "application/octet-stream")
+        try:
+            job = _check(client.post("/v1/jobs", files=files, data=form, timeout=None)).json()
+        finally:
+            for _, fh, _ in files.values():
+                fh.close()
+        job_id = job["id"]
+        console.print(f"Submitted [bold]{job_id}[/]")
+        print(job_id)
+        if not (args.wait or args.out):
+            return 0
+        try:
+            job = _wait(client, job_id, args.quiet)
+        except KeyboardInterrupt:
+            console.print(f"\nStopped waiting; {job_id} goes on. Cancel it with: "
+                          f"certiprune cancel {job_id} --server {args.server}")
+            return 130
+        if job["status"] != "succeeded":
+            err = job.get("error") or {}
+            console.print(f"[red]Job {job_id} {job['status']}[/]"
+                          + (f": {err.get('code')}: {err.get('message')}" if err else ""))
+            return 1
+        result = job["result"]
+        console.print(result.get("guarantee", ""))
+        console.print(f"certified sparsity: [bold]{result.get('certified_sparsity')}[/] "
+                      f"(certified: {result.get('certified')})")
+        if args.out:
+            sha = download_artifact(client, job_id, Path(args.out))
+            console.print(f"Wrote {args.out} (sha256 {sha}, verified)")
+        if args.report:
+            Path(args.report).write_text(json.dumps(result, indent=2))
+            console.print(f"Wrote {args.report}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as client:
+        page = _check(client.get("/v1/jobs", params={"limit": args.limit, "offset": args.offset})).json()
+    table = Table(title=f"{page['count']} job(s)")
+    table.add_column("id", no_wrap=True)  # ids are copied into other commands: never wrap them
+    for col in ("status", "created", "progress", "certified sparsity", "error"):
+        table.add_column(col)
+    for job in page["data"]:
+        result = job.get("result") or {}
+        err = job.get("error") or {}
+        prog = job["progress"]
+        table.add_row(job["id"], job["status"], job["created_at"][:19].replace("T", " "),
+                      f"{prog.get('stage') or ''} {prog['fraction']:.0%}", str(result.get("certified_sparsity", "")),
+                      err.get("code", ""))
+    Console().print(table)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = _check(client.post(f"/v1/jobs/{args.job_id}/cancel")).json()
+    print(f"{job['id']}: {job['status']}" + (" (cancel requested)" if job.get("cancel_requested") and
+                                             job["status"] == "running" else ""))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=os.environ.get("CERTIPRUNE_SERVER", DEFAULT_SERVER),
+                   help="API base URL (env CERTIPRUNE_SERVER)")
+    p.add_argument("--api-key", default=os.environ.get("CERTIPRUNE_API_KEY"), help="API key (env CERTIPRUNE_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="certiprune",
+                                     description="Prune PyTorch models with a statistical guarantee.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API with an embedded worker (SQLite + files under --data-dir)")
+    p.add_argument("--host", help="interface (default 127.0.0.1; others need CERTIPRUNE_API_KEYS)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--executor", choices=["local", "none"], help="'none': API only, run `certiprune worker` apart")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="claim and run queued jobs from the shared store (scale-out)")
+    p.add_argument("--data-dir")
+    p.add_argument("--concurrency", type=int, help="jobs at once (default: 1 on CPU, one per GPU)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_worker)
+
+    sub.add_parser("certify", help="certify offline, without a server (see `certiprune certify --help`)",
+                   add_help=False)
+
+    p = sub.add_parser("submit", help="submit a job to a server; --wait shows progress, --out downloads the model")
+    p.add_argument("model", help="TorchScript archive")
+    p.add_argument("--data", help="calibration set (.npz or .safetensors)")
+    p.add_argument("--dataset", help="instead of --data: a ds_ id (or a URI the server allows)")
+    p.add_argument("--uncertainty", help="safetensors training statistics for criterion mu")
+    p.add_argument("--config", help="JSON object of parameters, or @file.json")
+    p.add_argument("--criterion", nargs="+", help="one or more of magnitude, mu, obd, random")
+    p.add_argument("--epsilon", type=float)
+    p.add_argument("--delta", type=float)
+    p.add_argument("--risk")
+    p.add_argument("--scope")
+    p.add_argument("--bound")
+    p.add_argument("--procedure")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--tune-fraction", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--sparsities", help="comma-separated grid, e.g. 0.1,0.2,0.3")
+    p.add_argument("--wait", action="store_true", help="poll until the job ends, with a progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", help="write the pruned model here (implies --wait); its checksum is verified")
+    p.add_argument("--report", help="write the result JSON here")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list jobs on a server, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--offset", type=int, default=0)
+    _add_client_args(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("cancel", help="cancel a job on a server")
+    p.add_argument("job_id")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "certify":
+        return cmd_certify(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClientError as exc:
+        print(f"certiprune: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"certiprune: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        import httpx
+
+        if isinstance(exc, httpx.HTTPError):
+            print(f"certiprune: cannot reach {getattr(args, 'server', 'the server')}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Settings: the one typed configuration of the service, read from ``CERTIPRUNE_*`` variables.
+
+Unsafe combinations are refused when the object is built (i.e. at start-up), never later:
+without API keys the API is open to anyone who can reach it, so it may then only listen on
+the loopback interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GIB = 1024**3
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list (``'["a","b"]'``) or a comma-separated string (``a,b``) from the environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Configuration of the API server and its workers (environment prefix ``CERTIPRUNE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTIPRUNE_", extra="ignore")
+
+    data_dir: str = Field("./data", description="Root of datasets/ and jobs/ (a local path or an fsspec URL).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer keys; each key is one tenant. Empty: no auth, loopback only.",
+    )
+    max_upload_bytes: int = Field(
+        2 * GIB, gt=0, description="Largest accepted request body (all files of one request together)."
+    )
+    allowed_dataset_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URI prefixes a job's `dataset` may point at; empty: only ds_ ids.",
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/certiprune.db")
+    executor: Literal["local", "none"] = Field(
+        "local",
+        description="'local': spawned worker processes inside `serve`; 'none': API only (run `certiprune worker`).",
+    )
+    job_timeout_s: float = Field(6 * 3600, gt=0, description="Wall-clock limit of one run of a job.")
+    max_attempts: int = Field(2, ge=1, description="Runs a job gets when its worker dies before it is failed.")
+    max_concurrent_jobs: int | None = Field(
+        None, ge=1, description="Jobs run at once by one executor; default 1 on CPU, one per GPU."
+    )
+    cancel_grace_s: float = Field(5.0, ge=0, description="Time a cancelled worker gets to stop before it is killed.")
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A running job whose executor has not reported for this long is considered orphaned."
+    )
+
+    @field_validator("api_keys", "allowed_dataset_roots", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, value: list[str]) -> list[str]:
+        if any(len(k) < 8 for k in value):
+            raise ValueError("every API key must have at least 8 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_public_bind(self) -> Settings:
+        if not self.api_keys and not is_loopback(self.host):
+            raise ValueError(
+                f"Refusing to listen on {self.host!r} without API keys: anyone who can reach it could run code on "
+                "this machine. Set CERTIPRUNE_API_KEYS (comma-separated) or bind to 127.0.0.1."
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        if "://" in self.data_dir and not self.data_dir.startswith("file://"):
+            raise ValueError("A remote data_dir needs an explicit CERTIPRUNE_DATABASE_URL.")
+        root = Path(self.data_dir.removeprefix("file://")).expanduser().resolve()
+        return f"sqlite:///{root / 'certiprune.db'}"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+__all__ = ["Settings", "is_loopback"]

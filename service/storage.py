@@ -1,0 +1,176 @@
+"""File storage under the data dir through fsspec: datasets/, jobs/<id>/{model.pt,data.npz,artifact.pt}.
+
+Writes are atomic (a temp name in the same folder, then a rename), so a reader never sees a
+half-written file; sizes are limited and sha256 is computed while the bytes stream through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):
+    """The stream is longer than the allowed number of bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The upload exceeds the limit of {limit} bytes.")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str  # relative to the storage root
+    size: int
+    sha256: str
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def job_dir(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+class Storage:
+    """Datasets and job files below one root (local folder, or any fsspec URL such as s3://bucket/prefix)."""
+
+    def __init__(self, root: str) -> None:
+        self.fs, base = fsspec.core.url_to_fs(root)
+        if isinstance(self.fs, LocalFileSystem):
+            base = str(Path(base).expanduser().resolve())
+        self.root = base.rstrip("/")
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def full(self, relpath: str) -> str:
+        rel = relpath.lstrip("/")
+        if ".." in Path(rel).parts:
+            raise ValueError(f"Refusing a storage path that leaves the root: {relpath!r}")
+        return f"{self.root}/{rel}"
+
+    def local_path(self, relpath: str) -> Path:
+        """The on-disk path of a stored file (local storage only)."""
+        if not self.is_local:
+            raise RuntimeError("local_path() needs a local data dir; use fetch_local() for remote storage")
+        return Path(self.full(relpath))
+
+    def exists(self, relpath: str) -> bool:
+        return bool(self.fs.exists(self.full(relpath)))
+
+    def write_stream(self, src: BinaryIO, relpath: str, *, limit: int | None = None) -> StoredFile:
+        """Copy ``src`` to ``relpath`` atomically, hashing on the way; UploadTooLarge past ``limit`` bytes."""
+        target = self.full(relpath)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.fs.open(tmp, "wb") as out:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise UploadTooLarge(limit)
+                    digest.update(chunk)
+                    out.write(chunk)
+            self.fs.mv(tmp, target)
+        except BaseException:
+            self._remove_quietly(tmp)
+            raise
+        return StoredFile(path=relpath, size=size, sha256=digest.hexdigest())
+
+    def put_file(self, local: str | os.PathLike, relpath: str) -> StoredFile:
+        """Move (local storage) or upload (remote) a finished local file into place, atomically."""
+        sha = sha256_file(local)
+        size = os.path.getsize(local)
+        target = self.full(relpath)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            os.replace(local, target)  # same folder: an atomic rename
+        else:
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(str(local), tmp)
+            self.fs.mv(tmp, target)
+        return StoredFile(path=relpath, size=size, sha256=sha)
+
+    @contextmanager
+    def open(self, relpath: str) -> Iterator[BinaryIO]:
+        with self.fs.open(self.full(relpath), "rb") as fh:
+            yield fh
+
+    @contextmanager
+    def fetch_local(self, relpath: str | None) -> Iterator[Path | None]:
+        """A local path to read ``relpath`` from: the file itself when local, else a temporary copy."""
+        if relpath is None:
+            yield None
+            return
+        if self.is_local:
+            yield self.local_path(relpath)
+            return
+        with tempfile.TemporaryDirectory(prefix="certiprune-") as tmp:
+            dest = Path(tmp) / Path(relpath).name
+            self.fs.get_file(self.full(relpath), str(dest))
+            yield dest
+
+    def work_dir(self, job_id: str) -> Path:
+        """A local scratch folder for one job's run (inside the job folder when local, so renames are atomic)."""
+        if self.is_local:
+            path = self.local_path(job_dir(job_id))
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        return Path(tempfile.mkdtemp(prefix=f"certiprune-{job_id}-"))
+
+    def remove_tree(self, relpath: str) -> None:
+        target = self.full(relpath)
+        if self.is_local:
+            shutil.rmtree(target, ignore_errors=True)
+        elif self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
+    def writable(self) -> bool:
+        probe = self.full(f".probe-{uuid.uuid4().hex}")
+        try:
+            with self.fs.open(probe, "wb") as fh:
+                fh.write(b"ok")
+            self.fs.rm(probe)
+            return True
+        except OSError:
+            return False
+
+    def _remove_quietly(self, full_path: str) -> None:
+        try:
+            if self.fs.exists(full_path):
+                self.fs.rm(full_path)
+        except OSError:
+            pass
+
+
+def open_uri(uri: str) -> BinaryIO:
+    """Open a dataset URI (any fsspec protocol) for reading; the caller checked it is allowed."""
+    return fsspec.open(uri, "rb").open()
+
+
+__all__ = ["StoredFile", "Storage", "UploadTooLarge", "job_dir", "open_uri", "sha256_file"]

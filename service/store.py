@@ -1,0 +1,549 @@
+"""The job store: SQLAlchemy tables for jobs and datasets, and JobStore, the only code that writes them.
+
+State changes are conditional UPDATEs (compare-and-set on ``status`` and ``run_id``), so an API
+process, several executors and stale worker processes can share one database without locks:
+a job is claimed by exactly one run, and only that run may finish it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return f"job_{secrets.token_hex(12)}"
+
+
+def new_dataset_id() -> str:
+    return f"ds_{secrets.token_hex(12)}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # FIFO / newest-first order
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dataset_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    model_path: Mapped[str] = mapped_column(Text)  # relative to the storage root
+    data_path: Mapped[str] = mapped_column(Text)
+    uncertainty_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    data_sha256: Mapped[str] = mapped_column(String(64))
+    progress_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    progress_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs lost to dead workers so far
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the current claim
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    n: Mapped[int] = mapped_column(Integer)
+    x_shape: Mapped[list[int]] = mapped_column(JSON)
+    has_labels: Mapped[bool] = mapped_column(Boolean)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A detached snapshot of one job row (safe to use after the session closed)."""
+
+    id: str
+    owner: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    config: dict[str, Any]
+    dataset_id: str | None
+    model_path: str
+    data_path: str
+    uncertainty_path: str | None
+    model_sha256: str
+    data_sha256: str
+    progress_stage: str | None
+    progress_done: int
+    progress_total: int
+    progress_message: str | None
+    result: dict[str, Any] | None
+    artifact_sha256: str | None
+    error_code: str | None
+    error_message: str | None
+    cancel_requested: bool
+    attempts: int
+    run_id: str | None
+    worker_id: str | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    owner: str
+    created_at: datetime
+    path: str
+    size: int
+    sha256: str
+    n: int
+    x_shape: list[int]
+    has_labels: bool
+
+    @classmethod
+    def from_row(cls, row: DatasetRow) -> Dataset:
+        return cls(**{f: getattr(row, f) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    run_id: str
+
+
+def make_engine(url: str) -> Engine:
+    """An engine; SQLite gets WAL (readers never block the writer) and a busy timeout."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def make_worker_id() -> str:
+    """``host:pid:nonce`` — lets a restarted executor on the same host see that a claim's process is gone."""
+    return f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_is_gone_locally(worker_id: str | None) -> bool:
+    """True when ``worker_id`` names a process on this host that no longer exists (or is us, restarted)."""
+    if not worker_id:
+        return True
+    parts = worker_id.split(":")
+    if len(parts) != 3 or parts[0] != this_host():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True  # our pid with another nonce: an earlier life of this container/process slot
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class JobStore:
+    """Persistence for jobs and datasets. Every method opens and closes its own transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        store = cls(make_engine(url))
+        store.create_tables()
+        return store
+
+    def create_tables(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # -- jobs: API side -------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        owner: str,
+        config: dict[str, Any],
+        model_path: str,
+        data_path: str,
+        model_sha256: str,
+        data_sha256: str,
+        dataset_id: str | None = None,
+        uncertainty_path: str | None = None,
+    ) -> Job:
+        row = JobRow(
+            id=job_id,
+            owner=owner,
+            status=QUEUED,
+            created_at=utcnow(),
+            config=config,
+            dataset_id=dataset_id,
+            model_path=model_path,
+            data_path=data_path,
+            uncertainty_path=uncertainty_path,
+            model_sha256=model_sha256,
+            data_sha256=data_sha256,
+            progress_stage=QUEUED,
+            progress_done=0,
+            progress_total=0,
+            cancel_requested=False,
+            attempts=0,
+        )
+        with self._session() as s:
+            s.add(row)
+            s.flush()
+            return Job.from_row(row)
+
+    def get(self, *, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, or None when it does not exist or belongs to another owner (when ``owner`` is given)."""
+        stmt = select(JobRow).where(JobRow.id == job_id)
+        if owner is not None:
+            stmt = stmt.where(JobRow.owner == owner)
+        with self._session() as s:
+            row = s.scalars(stmt).first()
+            return Job.from_row(row) if row else None
+
+    def list(
+        self, *, owner: str | None, limit: int = 20, offset: int = 0, status: str | None = None
+    ) -> tuple[list[Job], int]:
+        """Newest first; returns (page, total count)."""
+        stmt = select(JobRow)
+        count_stmt = select(func.count()).select_from(JobRow)
+        if owner is not None:
+            stmt = stmt.where(JobRow.owner == owner)
+            count_stmt = count_stmt.where(JobRow.owner == owner)
+        if status is not None:
+            stmt = stmt.where(JobRow.status == status)
+            count_stmt = count_stmt.where(JobRow.status == status)
+        stmt = stmt.order_by(JobRow.seq.desc()).limit(limit).offset(offset)
+        with self._session() as s:
+            rows = [Job.from_row(r) for r in s.scalars(stmt)]
+            return rows, int(s.scalar(count_stmt) or 0)
+
+    def request_cancel(self, *, job_id: str, owner: str | None = None) -> Job | None:
+        """Queued jobs are cancelled at once; running ones get ``cancel_requested`` (their executor stops them)."""
+        now = utcnow()
+        where = [JobRow.id == job_id] + ([JobRow.owner == owner] if owner is not None else [])
+        with self._session() as s:
+            s.execute(
+                update(JobRow)
+                .where(*where, JobRow.status == QUEUED)
+                .values(status=CANCELLED, cancel_requested=True, finished_at=now,
+                        progress_stage=CANCELLED, progress_message="Cancelled before it started.")
+            )
+            s.execute(update(JobRow).where(*where, JobRow.status == RUNNING).values(cancel_requested=True))
+        return self.get(job_id=job_id, owner=owner)
+
+    def counts_by_status(self) -> dict[str, int]:
+        with self._session() as s:
+            rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+    # -- jobs: executor / worker side -----------------------------------------------------
+
+    def claim_next(self, *, worker_id: str) -> Claim | None:
+        """Atomically move the oldest queued job to running; None when the queue is empty.
+
+        Compare-and-set: the UPDATE only matches while the row is still queued, so when two
+        executors race for one job exactly one sees rowcount 1; the other tries the next job.
+        """
+        for _ in range(20):
+            with self._session() as s:
+                candidate = s.scalar(
+                    select(JobRow.id).where(JobRow.status == QUEUED).order_by(JobRow.seq).limit(1)
+                )
+                if candidate is None:
+                    return None
+                now = utcnow()
+                run_id = uuid.uuid4().hex
+                res = s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == candidate, JobRow.status == QUEUED)
+                    .values(status=RUNNING, run_id=run_id, worker_id=worker_id, started_at=now,
+                            heartbeat_at=now, progress_stage="starting", progress_done=0, progress_total=0,
+                            progress_message="Starting a worker process.")
+                )
+                if res.rowcount == 1:
+                    return Claim(job_id=candidate, run_id=run_id)
+        return None
+
+    def update_progress(
+        self, *, job_id: str, run_id: str, stage: str, done: int, total: int, message: str | None = None
+    ) -> bool:
+        with self._session() as s:
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+                .values(progress_stage=stage, progress_done=int(done), progress_total=int(total),
+                        progress_message=message, heartbeat_at=utcnow())
+            )
+            return res.rowcount == 1
+
+    def heartbeat(self, *, run_ids: list[str]) -> None:
+        if not run_ids:
+            return
+        with self._session() as s:
+            s.execute(
+                update(JobRow).where(JobRow.run_id.in_(run_ids), JobRow.status == RUNNING).values(heartbeat_at=utcnow())
+            )
+
+    def cancel_requested(self, *, job_id: str, run_id: str | None = None) -> bool:
+        """True when the job should stop: cancel asked, or (given ``run_id``) this run no longer owns it."""
+        with self._session() as s:
+            row = s.execute(
+                select(JobRow.cancel_requested, JobRow.status, JobRow.run_id).where(JobRow.id == job_id)
+            ).first()
+        if row is None:
+            return True
+        cancel, status, current_run = row
+        if run_id is not None and (status != RUNNING or current_run != run_id):
+            return True
+        return bool(cancel)
+
+    def cancel_requested_runs(self, *, run_ids: list[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        with self._session() as s:
+            rows = s.scalars(
+                select(JobRow.run_id).where(JobRow.run_id.in_(run_ids), JobRow.cancel_requested.is_(True))
+            )
+            return {r for r in rows if r}
+
+    def is_current_run(self, *, job_id: str, run_id: str) -> bool:
+        with self._session() as s:
+            return s.scalar(
+                select(func.count()).select_from(JobRow)
+                .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+            ) == 1
+
+    def finish(
+        self,
+        *,
+        job_id: str,
+        run_id: str,
+        status: str,
+        result: dict[str, Any] | None = None,
+        artifact_sha256: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> bool:
+        """End a run. Only the run that holds the claim can finish the job; returns whether it did."""
+        if status not in TERMINAL:
+            raise ValueError(f"finish() needs a terminal status {TERMINAL}, got {status!r}")
+        total_done: dict[str, Any] = {}
+        if status == SUCCEEDED:
+            total_done = {"progress_done": JobRow.progress_total}
+        with self._session() as s:
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+                .values(status=status, finished_at=utcnow(), result=result, artifact_sha256=artifact_sha256,
+                        error_code=error_code, error_message=error_message, progress_stage=status,
+                        progress_message=error_message if status == FAILED else None, **total_done)
+            )
+            return res.rowcount == 1
+
+    def interrupt(
+        self, *, job_id: str, run_id: str, max_attempts: int, code: str, message: str, count_attempt: bool = True
+    ) -> str | None:
+        """A run was lost: requeue the job, or fail it with ``code`` once it has used ``max_attempts`` runs.
+
+        A job whose cancel was requested is cancelled instead. Returns the new status, or None when
+        ``run_id`` no longer held the job.
+        """
+        with self._session() as s:
+            row = s.scalars(
+                select(JobRow).where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+            ).first()
+            if row is None:
+                return None
+            attempts = row.attempts + (1 if count_attempt else 0)
+            if row.cancel_requested:
+                values: dict[str, Any] = {"status": CANCELLED, "finished_at": utcnow(), "progress_stage": CANCELLED}
+            elif attempts >= max_attempts:
+                values = {"status": FAILED, "finished_at": utcnow(), "error_code": code,
+                          "error_message": f"{message} The job was tried {attempts} time(s) and is not retried again.",
+                          "progress_stage": FAILED}
+            else:
+                values = {"status": QUEUED, "started_at": None, "worker_id": None, "heartbeat_at": None,
+                          "progress_stage": QUEUED, "progress_done": 0, "progress_total": 0,
+                          "progress_message": f"Requeued: {message}"}
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+                .values(attempts=attempts, **values)
+            )
+            return values["status"] if res.rowcount == 1 else None
+
+    def requeue_interrupted(
+        self,
+        *,
+        max_attempts: int,
+        stale_before: datetime | None = None,
+        is_gone: Callable[[str | None], bool] = worker_is_gone_locally,
+        code: str = "worker_interrupted",
+    ) -> dict[str, str]:
+        """Recover jobs left 'running' by executors that died (start-up and periodic sweep).
+
+        A running job is orphaned when ``is_gone(worker_id)`` says its process is gone, or when its
+        heartbeat is older than ``stale_before``. Orphans go back to 'queued' with one more attempt
+        counted, or to 'failed' with ``code`` once they have had ``max_attempts`` runs. Returns
+        {job_id: new status}.
+        """
+        with self._session() as s:
+            running = s.execute(
+                select(JobRow.id, JobRow.run_id, JobRow.worker_id, JobRow.heartbeat_at).where(JobRow.status == RUNNING)
+            ).all()
+        changed: dict[str, str] = {}
+        for job_id, run_id, worker_id, heartbeat_at in running:
+            stale = stale_before is not None and (heartbeat_at is None or heartbeat_at < stale_before)
+            if not (stale or is_gone(worker_id)):
+                continue
+            new = self.interrupt(
+                job_id=job_id, run_id=run_id or "", max_attempts=max_attempts, code=code,
+                message="The worker running this job stopped (service restart or crash).",
+            )
+            if new:
+                changed[job_id] = new
+        return changed
+
+    def requeue_run(self, *, job_id: str, run_id: str, message: str) -> str | None:
+        """Give a job back to the queue without counting an attempt (orderly shutdown)."""
+        return self.interrupt(job_id=job_id, run_id=run_id, max_attempts=1 << 30, code="worker_interrupted",
+                              message=message, count_attempt=False)
+
+    # -- datasets -------------------------------------------------------------------------
+
+    def create_dataset(
+        self, *, dataset_id: str, owner: str, path: str, size: int, sha256: str, n: int,
+        x_shape: list[int], has_labels: bool,
+    ) -> Dataset:
+        row = DatasetRow(id=dataset_id, owner=owner, created_at=utcnow(), path=path, size=size, sha256=sha256,
+                         n=n, x_shape=list(x_shape), has_labels=has_labels)
+        with self._session() as s:
+            s.add(row)
+            s.flush()
+            return Dataset.from_row(row)
+
+    def get_dataset(self, *, dataset_id: str, owner: str | None = None) -> Dataset | None:
+        stmt = select(DatasetRow).where(DatasetRow.id == dataset_id)
+        if owner is not None:
+            stmt = stmt.where(DatasetRow.owner == owner)
+        with self._session() as s:
+            row = s.scalars(stmt).first()
+            return Dataset.from_row(row) if row else None
+
+
+def stale_cutoff(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
+
+
+__all__ = [
+    "CANCELLED", "FAILED", "QUEUED", "RUNNING", "STATUSES", "SUCCEEDED", "TERMINAL",
+    "Claim", "Dataset", "Job", "JobStore", "make_engine", "make_worker_id", "new_dataset_id", "new_job_id",
+    "stale_cutoff", "utcnow", "worker_is_gone_locally",
+]

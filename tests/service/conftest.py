@@ -1,0 +1,74 @@
+"""Service fixtures: real models and data made in the test (digits, scikit-learn), and real servers."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_harness import Inputs, Server
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    import torch
+    import torch.nn as nn
+    from sklearn.datasets import load_digits
+
+    d = tmp_path_factory.mktemp("inputs")
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order].astype(np.int64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x[:900]), torch.from_numpy(y[:900])
+    for _ in range(15):
+        for idx in torch.randperm(900).split(128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    torch.jit.script(model).save(str(d / "model.pt"))
+    np.savez(d / "data.npz", x=x[900:], y=y[900:])
+
+    torch.manual_seed(1)
+    big = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    torch.jit.script(big).save(str(d / "big.pt"))
+    rng = np.random.default_rng(1)
+    n_big = 40000  # a full 100-level curve: about a minute on 2 CPU cores, so slow jobs stay slow on fast CI
+    idx = rng.integers(0, len(y), n_big)
+    np.savez(d / "big.npz", x=(x[idx] + rng.normal(0, 0.05, (n_big, 64))).astype(np.float32), y=y[idx])
+    return Inputs(model=d / "model.pt", data=d / "data.npz", big_model=d / "big.pt", big_data=d / "big.npz",
+                  x_cal=x[900:], y_cal=y[900:])
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Start servers with ``CERTIPRUNE_*`` settings; all are stopped (and their logs shown on failure) at the end."""
+    started: list[Server] = []
+
+    def make(data_dir: Path | None = None, **settings: Any) -> Server:
+        data_dir = data_dir or tmp_path_factory.mktemp("srv") / "data"
+        env = {f"CERTIPRUNE_{k.upper()}": str(v) for k, v in settings.items()}
+        server = Server(data_dir=data_dir, env=env).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc and server.proc.poll() is None else signal.SIGTERM, timeout=15)
+
+
+
+
+@pytest.fixture(scope="session")
+def worker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the embedded local executor; no API keys (loopback only)."""
+    from service_harness import module_server
+
+    yield from module_server(tmp_path_factory, cancel_grace_s=2, max_attempts=2)
