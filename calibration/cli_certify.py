@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import BOUNDS, CRITERIA, PROCEDURES, RISKS
+from .config import BOUNDS, CRITERIA, PATTERNS, PROCEDURES, RISKS
 from .errors import CalibrationError
 
 EXAMPLES = """examples:
@@ -41,6 +41,10 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--full-curve", action="store_true", help="evaluate every level, also after testing stopped")
     p.add_argument("--exclude-first-last", action="store_true")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="re-fit the kept weights of each layer on D_tune after masking (Optimal Brain Surgeon)")
+    p.add_argument("--pattern", choices=PATTERNS,
+                   help="semi-structured sparsity: the levels are which layers are made 2:4 (no --sparsities)")
     p.add_argument("--config", help="JSON object with any config fields (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -62,6 +66,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["full_curve"] = True
     if args.exclude_first_last:
         cfg["exclude_first_last"] = True
+    if args.reconstruct:
+        cfg["reconstruct"] = True
+    if args.pattern:
+        cfg["pattern"] = args.pattern
     return cfg
 
 

@@ -21,6 +21,7 @@ BOUNDS = ("auto", "binomial", "hb", "wsr")
 PROCEDURES = ("fixed_sequence", "bonferroni")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+PATTERNS = ("2:4",)  # semi-structured patterns (calibration.patterns)
 
 
 def default_sparsities() -> tuple[float, ...]:
@@ -51,13 +52,15 @@ class CertifyConfig:
     mu_steps: int = 64  # re-created trajectory length for mu without uploaded statistics
     mu_lr: float = 1e-3
     obd_samples: int = 256  # per-sample gradients averaged for the Fisher diagonal
+    reconstruct: bool = False  # re-fit kept weights on D_tune after masking (calibration.reconstruct)
+    pattern: str | None = None  # None: unstructured; "2:4": the grid is which layers are made 2:4
 
     def resolved_risk(self, has_labels: bool) -> str:
         return self.risk or ("accuracy_drop" if has_labels else "disagreement")
 
     def needs_tune_data(self, has_batchnorm: bool) -> bool:
         bn = self.bn_recalibration if self.bn_recalibration is not None else has_batchnorm
-        return any(c in DATA_CRITERIA for c in self.criterion) or bool(bn and has_batchnorm)
+        return any(c in DATA_CRITERIA for c in self.criterion) or bool(bn and has_batchnorm) or self.reconstruct
 
     def resolved_tune_fraction(self, has_batchnorm: bool) -> float:
         if self.tune_fraction is not None:
@@ -181,7 +184,7 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
             kw[key] = _option(key, value, DEVICES)
         elif key == "precision":
             kw[key] = _option(key, value, PRECISIONS)
-        elif key in ("exclude_first_last", "full_curve"):
+        elif key in ("exclude_first_last", "full_curve", "reconstruct"):
             if not isinstance(value, bool):
                 raise _fail(key, "true or false", value)
             kw[key] = value
@@ -195,7 +198,14 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
             kw[key] = float(value)
         elif key == "obd_samples":
             kw[key] = _int(key, value, 1, 1_000_000)
+        elif key == "pattern":
+            kw[key] = None if value is None else _option(key, value, PATTERNS)
+    if kw.get("pattern") is not None and kw.get("sparsities", default_sparsities()) != default_sparsities():
+        raise _fail("sparsities", "left at its default when 'pattern' is set", list(kw["sparsities"]),
+                    f"With pattern {kw['pattern']!r} the levels are which layers are made {kw['pattern']}, "
+                    "not a list of sparsities; remove 'sparsities' or set 'pattern' to null.")
     return CertifyConfig(**kw)
 
 
-__all__ = ["CertifyConfig", "validate_config", "default_sparsities", "CRITERIA", "RISKS", "BOUNDS", "PROCEDURES"]
+__all__ = ["CertifyConfig", "validate_config", "default_sparsities", "CRITERIA", "RISKS", "BOUNDS", "PROCEDURES",
+           "PATTERNS"]

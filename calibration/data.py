@@ -6,6 +6,7 @@ is made with a recorded seed, before any p-value is computed, and never revisite
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -44,9 +45,63 @@ class Split:
     seed: int
 
 
+def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of a .npy stream, reading the header only (no array data)."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = npy.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = npy.read_array_header_2_0(fh)
+    else:  # 3.0 only serves structured dtypes with non-Latin-1 field names: never numeric data
+        raise DataError(f".npy format version {version} is not supported; save plain numeric arrays with np.savez.",
+                        code="data_malformed")
+    return tuple(int(d) for d in shape), dtype, fh.tell()
+
+
+def _check_npz_members(path: Path) -> None:
+    """Refuse pickles, absurd shapes and inconsistent sizes from the .npy headers, before any array is allocated.
+
+    A header is a few bytes that may declare any shape (10^12 elements in a 1 KiB upload), and a
+    deflated member may expand far beyond the upload: what numpy would allocate is checked first.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                if key not in ("x", "y"):
+                    continue  # refused by name once the archive is read
+                with zf.open(info) as fh:
+                    shape, dtype, header_len = _npy_header(fh)
+                if dtype.hasobject:
+                    raise DataError(
+                        f"Array {key!r} in the .npz holds pickled Python objects (dtype {dtype}), which are refused "
+                        "for safety. Save plain numeric arrays: np.savez(path, x=x.astype('float32'), "
+                        "y=y.astype('int64')).", code="data_pickled")
+                count = math.prod(shape)
+                samples = shape[0] if shape else 1
+                if samples > MAX_SAMPLES or count > MAX_ELEMENTS:
+                    raise DataError(
+                        f"Array {key!r} declares shape {list(shape)} ({count:,} numbers); at most {MAX_SAMPLES:,} "
+                        f"samples and {MAX_ELEMENTS:,} numbers are accepted. Subsample the calibration set.",
+                        code="data_too_large")
+                expected = header_len + count * dtype.itemsize
+                if info.file_size != expected:
+                    raise DataError(
+                        f"Array {key!r} declares shape {list(shape)} of {dtype} ({count * dtype.itemsize:,} bytes) "
+                        f"but the archive holds {max(info.file_size - header_len, 0):,} bytes of data: the file is "
+                        "truncated or corrupt. Save it again with np.savez.", code="data_malformed")
+    except DataError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError) as exc:
+        raise DataError(f"The .npz archive is corrupt or not made of .npy arrays: {exc}", code="data_malformed") from exc
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path.name!r} is not a valid .npz archive (not a zip file).", code="data_malformed")
+    _check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
@@ -65,6 +120,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"The .npz archive could not be read: {exc}", code="data_malformed") from exc
     except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise DataError(f"The .npz archive is corrupt or truncated: {exc}", code="data_malformed") from exc
+    except MemoryError as exc:
+        raise DataError(f"Not enough memory to load the .npz ({exc}). Upload a smaller calibration set.",
+                        code="data_too_large") from exc
     if unknown:
         raise DataError(f"Unexpected array(s) {unknown} in the .npz; only 'x' and optional 'y' are allowed.",
                         code="data_unexpected_arrays")
@@ -151,7 +209,11 @@ def load_calibration(path: str | os.PathLike) -> CalibrationSet:
         raise DataError("The data file is missing or empty.", code="data_empty")
     fmt = sniff_format(p)
     arrays = _read_npz(p) if fmt == "npz" else _read_safetensors(p)
-    return validate_arrays(arrays)
+    try:
+        return validate_arrays(arrays)
+    except MemoryError as exc:
+        raise DataError(f"Not enough memory to validate the calibration set ({exc}). Upload a smaller one.",
+                        code="data_too_large") from exc
 
 
 def check_labels(y: np.ndarray | None, n_classes: int) -> None:

@@ -24,10 +24,13 @@ from .config import LABELLED_RISKS, CertifyConfig, validate_config
 from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
 from .errors import CancelledError, ConfigError, ModelError
+from .fast_eval import Predictor
 from .masks import NestedMasks, apply_masks, restore
 from .model import PrunableWeight, batchnorm_modules, find_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
+from .patterns import PatternMasks
 from .procedures import get_procedure, split_delta
+from .reconstruct import Reconstructor
 from .risks import empirical_risk, per_sample_losses
 
 
@@ -72,7 +75,8 @@ def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]
     try:
         if precision in ("bf16", "fp16") and device.type == "cuda":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
+            # No weight-cast cache: weights change in place between levels.
+            with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
                 yield
         else:
             yield
@@ -95,23 +99,26 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
 
 @torch.no_grad()
 def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
-                         should_stop: Callable[[], bool] | None) -> tuple[torch.Tensor, int]:
-    """Dense predictions over all samples, checking the model's contract (logits (N, classes), finite)."""
-    preds = []
+                         should_stop: Callable[[], bool] | None,
+                         predictor: Predictor | None = None) -> tuple[torch.Tensor, int]:
+    """Dense predictions over all samples, checking the model's contract (logits (N, classes), finite).
+
+    With ``predictor`` the dense pass runs exactly as every level's pass will (same batches, same
+    CUDA graph, same precision), so λ = 0 and the levels are compared like for like.
+    """
+    predictor = predictor if predictor is not None else Predictor(module, batch_size, device=x.device)
     n_classes = -1
-    for start in range(0, x.shape[0], batch_size):
-        if should_stop is not None and should_stop():
-            raise CancelledError()
-        xb = x[start:start + batch_size]
-        try:
-            logits = module(xb)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(
-                f"The model failed on a batch of inputs of shape {list(xb.shape)}: {first}. "
-                "Check that the data's input shape matches what the model expects.",
-                code="model_forward_failed",
-            ) from exc
+
+    def failed(xb: torch.Tensor, exc: BaseException) -> None:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"The model failed on a batch of inputs of shape {list(xb.shape)}: {first}. "
+            "Check that the data's input shape matches what the model expects.",
+            code="model_forward_failed",
+        ) from exc
+
+    def check(xb: torch.Tensor, logits: Any) -> None:
+        nonlocal n_classes
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ModelError(
@@ -125,8 +132,9 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
             raise ModelError("The dense model returns NaN or infinite logits on the calibration data.",
                              code="model_output_not_finite")
         n_classes = logits.shape[1]
-        preds.append(logits.argmax(dim=1))
-    return torch.cat(preds), n_classes
+
+    preds = predictor.predict(x, should_stop, check=check, on_error=failed)
+    return preds, n_classes
 
 
 def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: float, delta: float,
@@ -207,8 +215,9 @@ def certify(
     split = split_tune_cal(data.n, tune_fraction, cfg.seed)
     if split.tune.size == 0:
         data_criteria = [c for c in cfg.criterion if c == "obd" or (c == "mu" and uncertainty is None)]
-        if data_criteria or (use_bn and cfg.bn_recalibration):
-            what = f"criterion {data_criteria[0]!r}" if data_criteria else "BN re-estimation"
+        if data_criteria or (use_bn and cfg.bn_recalibration) or cfg.reconstruct:
+            what = (f"criterion {data_criteria[0]!r}" if data_criteria
+                    else "weight reconstruction" if cfg.reconstruct else "BN re-estimation")
             raise ConfigError(f"The {what} needs tuning data (D_tune) but tune_fraction is 0. "
                               "Set tune_fraction > 0 (e.g. 0.25).", code="tune_data_required")
         use_bn = False
@@ -220,12 +229,15 @@ def certify(
     del x_all
     run.timings["load_s"] = time.perf_counter() - t0
 
-    with evaluation_precision(cfg.precision, device):
+    with evaluation_precision(cfg.precision, device), \
+            Predictor(module, cfg.batch_size, device=device, precision=cfg.precision) as predictor:
+        # D_cal stays resident in the evaluation precision (bf16/fp16 halve it; fp32 unchanged).
+        x_cal = predictor.resident(x_cal)
         # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
         t = time.perf_counter()
         run.report("dense", 0, 1, "dense predictions")
-        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop)
-        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop)[0]
+        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop, predictor)
+        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop, predictor)[0]
                       if x_tune.shape[0] else torch.empty(0, dtype=torch.int64, device=device))
         check_labels(data.y, n_classes)
         y_cal = data.y[split.cal] if data.y is not None else None
@@ -249,29 +261,41 @@ def certify(
                            tune_y=y_tune if x_tune.shape[0] else None, batch_size=cfg.batch_size, seed=cfg.seed,
                            uncertainty=uncertainty_stats, mu_steps=cfg.mu_steps, mu_lr=cfg.mu_lr,
                            obd_samples=cfg.obd_samples)
-        masks_by_criterion: dict[str, NestedMasks] = {}
+        masks_by_criterion: dict[str, NestedMasks | PatternMasks] = {}
         for i, name in enumerate(cfg.criterion):
             run.report("scoring", i, len(cfg.criterion), f"scoring weights by {name}")
             scores = get_criterion(name)(ctx)
             restore(params, originals)  # a criterion must leave the weights as it found them
-            masks_by_criterion[name] = NestedMasks.from_scores(scores, cfg.scope)
+            masks_by_criterion[name] = (NestedMasks.from_scores(scores, cfg.scope) if cfg.pattern is None else
+                                        PatternMasks.from_scores(scores, cfg.scope, [w.module_type for w in weights]))
             del scores
         run.timings["scoring_s"] = time.perf_counter() - t
+        # Weight reconstruction: per-layer input statistics of the dense model on D_tune only.
+        reconstructor = None
+        if cfg.reconstruct:
+            t = time.perf_counter()
+            run.report("scoring", len(cfg.criterion), len(cfg.criterion), "layer inputs for reconstruction")
+            reconstructor = Reconstructor.from_tune(module, weights, x_tune, cfg.batch_size)
+            run.timings["reconstruct_setup_s"] = time.perf_counter() - t
 
         # Test every criterion's grid with its share of δ (Bonferroni across criteria).
         t = time.perf_counter()
         delta_each = split_delta(cfg.delta, len(cfg.criterion))
-        n_levels = len(cfg.sparsities)
-        total = n_levels * len(cfg.criterion)
+        # The grid of each criterion: the configured sparsities, or its 2:4 layer levels (fixed before D_cal).
+        grids = {name: cfg.sparsities if cfg.pattern is None else masks_by_criterion[name].sparsities
+                 for name in cfg.criterion}
+        total = sum(len(g) for g in grids.values())
         per_criterion: list[dict[str, Any]] = []
         bn_status = "no_batchnorm" if not has_bn else ("on" if use_bn else "off")
         evaluated_levels = 0
         for ci, name in enumerate(cfg.criterion):
             masks = masks_by_criterion[name]
+            grid = grids[name]
+            n_levels = len(grid)
             levels: list[dict[str, Any]] = []
             p_values = np.full(n_levels, np.nan)
             stopped = False
-            for j, sparsity in enumerate(cfg.sparsities):
+            for j, sparsity in enumerate(grid):
                 run.report("testing", ci * n_levels + j, total, f"{name}: sparsity {sparsity:.2%}")
                 if stopped and not cfg.full_curve:
                     levels.append({"sparsity": sparsity, "empirical_risk": None, "p_value": None,
@@ -281,13 +305,16 @@ def certify(
                     # λ = 0 is the dense model itself: its risk is 0 by definition, no test is spent on it.
                     p, risk_hat, ucb = 0.0, 0.0, 0.0
                 else:
-                    apply_masks(params, originals, masks.keep_masks(sparsity))
+                    keep = masks.keep_masks(sparsity)
+                    apply_masks(params, originals, keep)
+                    if reconstructor is not None:
+                        reconstructor.apply(params, originals, keep)
                     if use_bn:
                         ok = batchnorm.reestimate(module, x_tune, cfg.batch_size)
                         if not ok:
                             use_bn, bn_status = False, "unavailable_traced_graph"
                             batchnorm.load_snapshot(module, bn_dense)
-                    pruned = predict(module, x_cal, cfg.batch_size, should_stop).cpu().numpy()
+                    pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
                     losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
                     p = float(p_value(bound, risk, losses, cfg.epsilon))
                     risk_hat = float(empirical_risk(losses))
@@ -301,8 +328,8 @@ def certify(
             rejected = procedure.rejected(p_values, delta_each)
             for lvl, rej in zip(levels, rejected):
                 lvl["rejected"] = bool(rej)
-            chosen = procedure.select(rejected, np.asarray(cfg.sparsities))
-            certified_sparsity = float(cfg.sparsities[chosen]) if chosen is not None else 0.0
+            chosen = procedure.select(rejected, np.asarray(grid))
+            certified_sparsity = float(grid[chosen]) if chosen is not None else 0.0
             per_criterion.append({"criterion": name, "delta": delta_each, "certified_sparsity": certified_sparsity,
                                   "certified": certified_sparsity > 0.0, "levels": levels})
             restore(params, originals)
@@ -317,11 +344,14 @@ def certify(
         zeroed_per_layer = masks.zeroed_per_layer(certified_sparsity)
         pruned_accuracy = dense_accuracy
         if certified:
-            apply_masks(params, originals, masks.keep_masks(certified_sparsity))
+            keep = masks.keep_masks(certified_sparsity)
+            apply_masks(params, originals, keep)
+            if reconstructor is not None:  # a pure function of (weights, mask, H): the weights that were tested
+                reconstructor.apply(params, originals, keep)
             if use_bn:
                 batchnorm.reestimate(module, x_tune, cfg.batch_size)
             if y_cal is not None:
-                final = predict(module, x_cal, cfg.batch_size, should_stop).cpu().numpy()
+                final = predictor.predict(x_cal, should_stop).cpu().numpy()
                 pruned_accuracy = float(np.mean(final == y_cal))
 
     layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
@@ -352,7 +382,12 @@ def certify(
         "bn_recalibration": bn_status,
         "device": device.type,
         "precision": cfg.precision,
+        "evaluator": predictor.describe(),
         "levels_evaluated": evaluated_levels,
+        "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
+        "pattern": cfg.pattern,
+        "pattern_layers": ([weights[i].name for i in masks.made_two_four(certified_sparsity)]
+                           if isinstance(masks, PatternMasks) else None),
         "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
                                         criterion=best["criterion"]),

@@ -64,6 +64,14 @@ def check_archive(path: str | os.PathLike) -> None:
         raise ModelError("The model file is empty. Upload a TorchScript archive (torch.jit.save).",
                          code="model_not_torchscript")
     if not zipfile.is_zipfile(p):
+        with open(p, "rb") as fh:
+            starts_like_zip = fh.read(4) == b"PK\x03\x04"
+        if starts_like_zip:  # the central directory sits at the end: an interrupted upload or copy
+            raise ModelError(
+                "The model archive is truncated or corrupt: it starts like a zip file but has no central directory. "
+                "Upload the complete file written by torch.jit.save.",
+                code="model_corrupt",
+            )
         raise ModelError(
             "The model file is not a TorchScript archive (not a zip file). Save it with "
             "torch.jit.save(torch.jit.script(model), 'model.pt').",

@@ -1,0 +1,145 @@
+"""How much more sparsity does weight reconstruction (and 2:4) certify on digits?
+
+Same set-up as ``bench/efficiency.py`` (whose helpers this reuses): a model trained on 600
+digits images; the other 1197 images are the *pool*, treated as the population; each draw
+samples n_cal calibration points i.i.d. from the pool. D_tune — for the reconstruction's layer
+statistics and for data-driven criteria — is the training set, never the pool, so every
+candidate model is fixed before any D_cal draw (SPEC §1) and its pool risk is its true risk.
+
+Rows: plain masking vs masking + reconstruction (``calibration.reconstruct``), unstructured
+(grid 0.00 … 0.99) and 2:4 (``calibration.patterns``: level j = the j cheapest layers made 2:4).
+Columns: median certified sparsity over the draws, the row's own pool oracle, the *magnitude
+pool oracle* (plain magnitude, unstructured — the goal to beat), and the violation frequency
+P(R_pool(λ̂) > ε), which must stay ≤ δ up to Monte-Carlo error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from efficiency import oracle
+from make_digits_example import digits_split, train_mlp
+
+from calibration.criteria import ScoreContext, get_criterion
+from calibration.engine import predict
+from calibration.masks import NestedMasks, apply_masks, restore
+from calibration.model import find_prunable
+from calibration.p_values import p_value
+from calibration.patterns import PatternMasks
+from calibration.procedures import get_procedure
+from calibration.reconstruct import Reconstructor
+from calibration.risks import per_sample_losses
+
+
+def level_predictions(module, x_pool, x_tune, y_tune, criterion, grid, *, pattern, reconstruct, seed=0):
+    """(grid, (n_levels, n_pool) predictions): masks from ``criterion``, optionally reconstructed on D_tune."""
+    weights = find_prunable(module)
+    params = [w.param for w in weights]
+    originals = [p.detach().clone() for p in params]
+    ctx = ScoreContext(module=module, weights=weights, tune_x=x_tune, tune_y=y_tune, batch_size=256, seed=seed)
+    scores = get_criterion(criterion)(ctx)
+    restore(params, originals)
+    if pattern:
+        masks = PatternMasks.from_scores(scores, "global", [w.module_type for w in weights])
+        grid = np.asarray(masks.sparsities)
+    else:
+        masks = NestedMasks.from_scores(scores, "global")
+    rec = Reconstructor.from_tune(module, weights, x_tune, 256) if reconstruct else None
+    preds = []
+    for s in grid:
+        keep = masks.keep_masks(float(s))
+        apply_masks(params, originals, keep)
+        if rec is not None:
+            rec.apply(params, originals, keep)
+        preds.append(predict(module, x_pool, 1024).numpy())
+    restore(params, originals)
+    return grid, np.stack(preds)
+
+
+def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, eps, delta):
+    """Median certified sparsity and violation frequency over the D_cal draws (fixed grid, LTT)."""
+    proc = get_procedure(proc_name)
+    certified, violations = [], 0
+    for idx in draws:
+        pv = np.full(len(grid), np.nan)
+        pv[0] = 0.0  # level 0 is the dense model: risk 0 by definition
+        for j in range(1, len(grid)):
+            pv[j] = p_value(bound, risk, losses_pool[j, idx], eps)
+            if proc.stops_early and pv[j] > delta:
+                break
+        sel = proc.select(proc.rejected(pv, delta), grid)
+        j = sel if sel is not None else 0
+        violations += pool_risk[j] > eps
+        certified.append(float(grid[j]))
+    return float(np.median(certified)), violations / len(draws)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--draws", type=int, default=50)
+    ap.add_argument("--n-cal", type=int, default=600)
+    ap.add_argument("--epsilon", type=float, default=0.02)
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--criteria", default="magnitude")
+    ap.add_argument("--bounds", default="binomial")
+    ap.add_argument("--procedures", default="fixed_sequence")
+    ap.add_argument("--risk", default="accuracy_drop")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x_train, y_train, x_pool, y_pool = digits_split()
+    t0 = time.perf_counter()
+    model = torch.jit.script(train_mlp(x_train, y_train))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xp, xt, yt = torch.from_numpy(x_pool), torch.from_numpy(x_train), torch.from_numpy(y_train)
+    dense = predict(model, xp, 1024).numpy()
+    print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
+          f"pool n={len(y_pool)}, n_cal={args.n_cal}, n_tune={len(y_train)} (training set), ε={args.epsilon}, "
+          f"δ={args.delta}, draws={args.draws}, risk={args.risk}")
+    rng = np.random.default_rng(12345)
+    draws = [rng.integers(0, len(y_pool), args.n_cal) for _ in range(args.draws)]
+    unstructured = np.round(np.arange(0, 1.0, 0.01), 2)
+    rows = []
+    for criterion in args.criteria.split(","):
+        for pattern in (None, "2:4"):
+            for reconstruct in (False, True):
+                t = time.perf_counter()
+                grid, preds = level_predictions(model, xp, xt, yt, criterion, unstructured, pattern=pattern,
+                                                reconstruct=reconstruct)
+                losses_pool = np.stack([per_sample_losses(args.risk, p, dense, y_pool) for p in preds])
+                pool_risk = losses_pool.mean(axis=1)
+                orc = oracle(pool_risk, grid, args.epsilon)
+                method = ("masking + reconstruction" if reconstruct else "masking") + (f", {pattern}" if pattern else "")
+                elapsed = time.perf_counter() - t
+                print(f"  {criterion} / {method}: {len(grid)} levels on the pool in {elapsed:.1f}s")
+                for bound in args.bounds.split(","):
+                    for proc_name in args.procedures.split(","):
+                        med, freq = certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, args.risk,
+                                                  args.epsilon, args.delta)
+                        rows.append((criterion, method, bound, proc_name, med, orc, freq, elapsed))
+    mag_oracle = next((r[5] for r in rows if r[0] == "magnitude" and r[1] == "masking"), float("nan"))
+    print()
+    print(f"{'criterion':<10} {'method':<31} {'bound':<9} {'procedure':<15} {'certified(med)':>14} "
+          f"{'pool oracle':>11} {'/ mag. oracle':>13} {'violations':>10} {'levels s':>8}")
+    for c, m, b, p, med, orc, freq, el in rows:
+        print(f"{c:<10} {m:<31} {b:<9} {p:<15} {med:>14.3f} {orc:>11.3f} {med / mag_oracle:>13.2f} {freq:>10.3f} "
+              f"{el:>8.1f}")
+    best = max((r for r in rows if "reconstruction" in r[1] and "2:4" not in r[1]), key=lambda r: r[4], default=None)
+    if best is not None:
+        verdict = "meets" if best[4] >= mag_oracle else "misses"
+        print(f"\ngoal: certified sparsity with reconstruction ({best[0]}/{best[2]}/{best[3]}) {best[4]:.3f} "
+              f"{verdict} the magnitude pool oracle {mag_oracle:.3f}")
+
+
+if __name__ == "__main__":
+    main()
