@@ -95,7 +95,8 @@ def _check_npz_members(path: Path) -> None:
     except DataError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, RuntimeError) as exc:
-        raise DataError(f"The .npz archive is corrupt or not made of .npy arrays: {exc}", code="data_malformed") from exc
+        raise DataError(f"The .npz archive is corrupt or not made of .npy arrays: {exc}",
+                        code="data_malformed") from exc
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -155,6 +155,16 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
             "data, a larger ε or a finer grid at low sparsity may help.")
 
 
+def _method_label(criterion: str, cfg: CertifyConfig) -> str:
+    """How the candidates were made, for the guarantee sentence."""
+    parts = [f"{criterion} scores, {cfg.scope} scope"]
+    if cfg.pattern:
+        parts.append(f"{cfg.pattern} semi-structured pattern")
+    if cfg.reconstruct:
+        parts.append("weights reconstructed on the tuning split")
+    return "; ".join(parts)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -390,7 +400,7 @@ def certify(
                            if isinstance(masks, PatternMasks) else None),
         "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
-                                        criterion=best["criterion"]),
+                                        criterion=_method_label(best["criterion"], cfg)),
         "artifact_sha256": None,
     }
     if out is not None:

@@ -42,7 +42,8 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
-    settings = _settings({"host": args.host, "port": args.port, "data_dir": args.data_dir, "executor": args.executor})
+    settings = _settings({"host": args.host, "port": args.port, "data_dir": args.data_dir, "executor": args.executor,
+                          "ray_address": args.ray_address})
 
     import uvicorn
 
@@ -58,13 +59,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Scale-out: claim and run queued jobs from the shared store until SIGTERM/SIGINT."""
     import signal
 
-    from .executors.local import LocalExecutor
     from .store import JobStore
 
     _configure_logging(args.log_level)
-    settings = _settings({"data_dir": args.data_dir, "max_concurrent_jobs": args.concurrency})
+    settings = _settings({"data_dir": args.data_dir, "max_concurrent_jobs": args.concurrency,
+                          "ray_address": args.ray_address})
     store = JobStore.from_url(settings.resolved_database_url)
-    executor = LocalExecutor(settings, store)
+    if (args.executor or settings.executor) == "ray":
+        from .executors.ray import RayExecutor
+
+        executor: Any = RayExecutor(settings, store)
+    else:
+        from .executors.local import LocalExecutor
+
+        executor = LocalExecutor(settings, store)
 
     def stop(signum: int, _frame: Any) -> None:
         executor.request_stop()
@@ -278,13 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface (default 127.0.0.1; others need CERTIPRUNE_API_KEYS)")
     p.add_argument("--port", type=int)
     p.add_argument("--data-dir")
-    p.add_argument("--executor", choices=["local", "none"], help="'none': API only, run `certiprune worker` apart")
+    p.add_argument("--executor", choices=["local", "ray", "none"],
+                   help="'local': worker processes here; 'ray': Ray tasks on a Ray cluster; 'none': API only, "
+                        "run `certiprune worker` apart")
+    p.add_argument("--ray-address", help="with --executor ray: 'auto', HOST:PORT or ray://HOST:10001 "
+                                         "(default: start a Ray instance on this machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="claim and run queued jobs from the shared store (scale-out)")
     p.add_argument("--data-dir")
     p.add_argument("--concurrency", type=int, help="jobs at once (default: 1 on CPU, one per GPU)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="'local' (default): run jobs in processes here; 'ray': dispatch them as tasks to a Ray "
+                        "cluster (default when CERTIPRUNE_EXECUTOR=ray)")
+    p.add_argument("--ray-address", help="with --executor ray: 'auto', HOST:PORT or ray://HOST:10001 "
+                                         "(default: start a Ray instance on this machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_worker)
 

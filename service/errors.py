@@ -88,10 +88,55 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "An unexpected error occurred on the server; it has been logged.")
 
 
+VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+BODY_ERRORS = {"400": "The body is not valid multipart form data (code `bad_request`).",
+               "413": "The body is larger than the server accepts (code `upload_too_large`)."}
+
+
+def _error_body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its own 422 body (``HTTPValidationError``); ours is ErrorBody: say so in the schema."""
+    from .schemas import ErrorBody
+
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    if "ErrorBody" not in components:
+        body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["ErrorBody"] = body
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "requestBody" in operation:  # the upload guard and the body parser answer these for any body
+                responses = operation.setdefault("responses", {})
+                for status, description in BODY_ERRORS.items():
+                    responses.setdefault(status, {"description": description,
+                                                  "content": {"application/json": {"schema": dict(error_ref)}}})
+            for response in operation.get("responses", {}).values():
+                media = response.get("content", {}).get("application/json", {})
+                ref = media.get("schema", {}).get("$ref", "")
+                if ref.rsplit("/", 1)[-1] in VALIDATION_SCHEMAS:
+                    media["schema"] = dict(error_ref)
+                    response["description"] = "Invalid parameters (code `validation_error`)."
+    for name in VALIDATION_SCHEMAS:
+        components.pop(name, None)  # only referenced by the bodies replaced above and by each other
+    return schema
+
+
+def describe_errors_in_openapi(app: FastAPI) -> None:
+    """Make ``/openapi.json`` describe the bodies the handlers below really send (checked by schemathesis)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return _error_body_schema(generate())  # FastAPI caches the schema; the rewrite is idempotent
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """Render every error as the §3 body, and document that body in the OpenAPI schema."""
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
+    describe_errors_in_openapi(app)
 
 
-__all__ = ["ApiError", "error_body", "error_response", "install_error_handlers"]
+__all__ = ["ApiError", "describe_errors_in_openapi", "error_body", "error_response", "install_error_handlers"]

@@ -7,10 +7,14 @@ with ``allow_pickle=False``. Every failure becomes an ``ApiError`` with the cali
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from calibration.config import LABELLED_RISKS, CertifyConfig, validate_config
 from calibration.data import load_calibration
@@ -115,6 +119,73 @@ def _is_within(uri: str, root: str) -> bool:
     return uri == root or uri.startswith(root + "/")
 
 
+#: Schemes a dataset URI may use when a configured root allows its location (others only when a root names them).
+READABLE_SCHEMES = frozenset({"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def _non_global_address(host: str) -> str | None:
+    """The first address ``host`` is or resolves to that is not on the public internet (loopback,
+    private, link-local such as 169.254.169.254, reserved...), else None."""
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            return None  # unresolvable: opening it fails later with dataset_unreadable
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for address in addresses:
+        if not address.is_global:
+            return str(address)
+    return None
+
+
+def dataset_uri_problem(uri: str, roots: list[str]) -> tuple[str, str] | None:
+    """Why the server refuses to read the dataset ``uri``, as (code, message); None when it may.
+
+    A URI must lie under a configured root (after resolving local paths: no '..', no symlinks
+    out), use that root's scheme, chain no fsspec protocols ('::'), and — for http(s) — name no
+    user info and no host that is or resolves to a non-public address (cloud metadata at
+    169.254.169.254, loopback, private networks) unless a root names that very IP address.
+    """
+    allowed = "; allowed: ds_ ids" + (" and URIs under " + ", ".join(repr(r) for r in roots) if roots else " only")
+    if any(ord(c) < 32 for c in uri) or "::" in uri:
+        return ("dataset_scheme_not_allowed",
+                f"The dataset {uri!r} uses control characters or chains fsspec protocols ('::'){allowed}.")
+    scheme = _scheme(uri)
+    if scheme == "file" and not uri.removeprefix("file://").startswith("/"):
+        return ("dataset_not_allowed",
+                f"The dataset {uri!r} is neither a ds_ id nor an absolute path or URL{allowed}. Upload it with "
+                "POST /v1/datasets.")
+    if scheme not in READABLE_SCHEMES and scheme not in {_scheme(r) for r in roots}:
+        return ("dataset_scheme_not_allowed",
+                f"The dataset {uri!r} uses the scheme {scheme!r}, which this server does not read from{allowed}. "
+                "Upload it with POST /v1/datasets.")
+    if scheme != "file" and any(t in uri.lower() for t in ("%2e", "%2f", "%5c", "\\")):
+        return ("dataset_not_allowed",
+                f"The dataset URL {uri!r} contains encoded dots or slashes, which could leave the allowed location.")
+    if not allowed_dataset_uri(uri, roots):
+        return ("dataset_not_allowed",
+                f"The dataset {uri!r} is not under a location this server allows (CERTIPRUNE_ALLOWED_DATASET_ROOTS)"
+                f"{allowed}. Upload it with POST /v1/datasets.")
+    if scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        if parts.username is not None or parts.password is not None:
+            return ("dataset_not_allowed", f"The dataset URL {uri!r} must not carry user info ('user@host').")
+        literal_roots = {urlsplit(r).hostname for r in roots if _scheme(r) in ("http", "https")}
+        private = _non_global_address(host)
+        if private is not None and not (host in literal_roots and private == host.strip("[]")):
+            return ("dataset_address_not_allowed",
+                    f"The dataset URL {uri!r} points at the non-public address {private}; the server does not "
+                    "fetch from loopback, private or link-local addresses (e.g. cloud metadata).")
+    return None
+
+
 def allowed_dataset_uri(uri: str, roots: list[str]) -> bool:
     """``uri`` lies under one of the configured roots (after resolving local paths; no '..' tricks)."""
     if not roots:
@@ -136,9 +207,15 @@ def allowed_dataset_uri(uri: str, roots: list[str]) -> bool:
 
 
 def copy_dataset_uri(storage: Storage, uri: str, relpath_base: str, limit: int) -> StoredFile:
-    """Snapshot an allowed dataset URI into the job folder (the job never changes under the user's feet)."""
+    """Snapshot an allowed dataset URI into the job folder (the job never changes under the user's feet).
+
+    http(s) redirects are not followed: the checked URL is the one read, never a location it names.
+    """
     try:
-        src = open_uri(uri.removeprefix("file://") if uri.startswith("file://") else uri)
+        if _scheme(uri) in ("http", "https"):
+            src = open_uri(uri, {"allow_redirects": False})
+        else:
+            src = open_uri(uri.removeprefix("file://") if uri.startswith("file://") else uri)
     except (OSError, ValueError) as exc:
         raise ApiError(422, "dataset_unreadable", f"The dataset {uri!r} could not be opened: {exc}") from exc
     with src:
@@ -147,7 +224,45 @@ def copy_dataset_uri(storage: Storage, uri: str, relpath_base: str, limit: int) 
         return save_stream(storage, src, f"{relpath_base}.{data_extension(head)}", limit)
 
 
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """The ``Idempotency-Key`` header: 1 to 200 visible ASCII characters (None when absent)."""
+    if value is None:
+        return None
+    key = value.strip()
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX or not all(33 <= ord(c) < 127 for c in key):
+        raise ApiError(422, "invalid_idempotency_key",
+                       f"The Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters "
+                       f"(e.g. a UUID); got {len(key)} character(s).")
+    return key
+
+
+def sha256_stream(src: BinaryIO) -> str:
+    """sha256 of a seekable upload, leaving it at position 0."""
+    digest = hashlib.sha256()
+    src.seek(0)
+    for chunk in iter(lambda: src.read(1024 * 1024), b""):
+        digest.update(chunk)
+    src.seek(0)
+    return digest.hexdigest()
+
+
 __all__ = [
-    "DataSummary", "allowed_dataset_uri", "calibration_error", "check_data", "check_labels_for_risk",
-    "check_model", "check_uncertainty", "copy_dataset_uri", "data_extension", "parse_config", "peek", "save_stream",
+    "DataSummary",
+    "allowed_dataset_uri",
+    "calibration_error",
+    "check_data",
+    "check_idempotency_key",
+    "check_labels_for_risk",
+    "check_model",
+    "check_uncertainty",
+    "copy_dataset_uri",
+    "data_extension",
+    "dataset_uri_problem",
+    "parse_config",
+    "peek",
+    "save_stream",
+    "sha256_stream",
 ]

@@ -44,7 +44,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CERTIPRUNE_", extra="ignore")
 
-    data_dir: str = Field("./data", description="Root of datasets/ and jobs/ (a local path or an fsspec URL).")
+    data_dir: str = Field(
+        "./data", description="Root of datasets/ and jobs/: a local path, or an fsspec URL such as s3://bucket/prefix."
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, ...) for s3:// data dirs and dataset URIs; "
+        "default: AWS. Credentials come from the usual AWS variables or files.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -59,9 +66,18 @@ class Settings(BaseSettings):
         description="URI prefixes a job's `dataset` may point at; empty: only ds_ ids.",
     )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/certiprune.db")
-    executor: Literal["local", "none"] = Field(
+    executor: Literal["local", "ray", "none"] = Field(
         "local",
-        description="'local': spawned worker processes inside `serve`; 'none': API only (run `certiprune worker`).",
+        description="'local': spawned worker processes inside `serve`; 'ray': one Ray task per job on a Ray "
+        "cluster (a GPU each when the job wants CUDA); 'none': API only (run `certiprune worker`).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster for the 'ray' executor: 'auto', 'HOST:PORT' on a cluster node, or "
+        "'ray://HOST:10001' (Ray Client). Unset: start a Ray instance on this machine.",
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the Ray instance started on this machine when no ray_address is set."
     )
     job_timeout_s: float = Field(6 * 3600, gt=0, description="Wall-clock limit of one run of a job.")
     max_attempts: int = Field(2, ge=1, description="Runs a job gets when its worker dies before it is failed.")
@@ -72,6 +88,19 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, description="A running job whose executor has not reported for this long is considered orphaned."
     )
+    # Resource limits of a worker process (service.sandbox); None: the default shown, 0: no limit.
+    sandbox_max_memory_bytes: int | None = Field(
+        None, ge=0, description="Address space (RLIMIT_AS) of a CPU worker; default: the machine's physical memory. "
+        "Never applied to CUDA workers."
+    )
+    sandbox_max_cpu_s: float | None = Field(
+        None, ge=0, description="CPU seconds (RLIMIT_CPU, all threads) of one run; default: job_timeout_s × CPUs."
+    )
+    sandbox_max_file_bytes: int | None = Field(
+        None, ge=0, description="Largest file a worker may write (RLIMIT_FSIZE; the artifact, and appends to the "
+        "SQLite store and inherited logs); default: max(4 × max_upload_bytes, 8 GiB)."
+    )
+    sandbox_max_open_files: int | None = Field(1024, ge=0, description="Open file descriptors (RLIMIT_NOFILE).")
 
     @field_validator("api_keys", "allowed_dataset_roots", mode="before")
     @classmethod
@@ -84,6 +113,15 @@ class Settings(BaseSettings):
         if any(len(k) < 8 for k in value):
             raise ValueError("every API key must have at least 8 characters")
         return value
+
+    @model_validator(mode="after")
+    def _remote_data_needs_a_database(self) -> Settings:
+        if self.database_url is None and "://" in self.data_dir and not self.data_dir.startswith("file://"):
+            raise ValueError(
+                f"The data dir {self.data_dir!r} is remote, so the job store cannot live in it: set "
+                "CERTIPRUNE_DATABASE_URL (e.g. postgresql+psycopg://user:password@host/certiprune)."
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_public_bind(self) -> Settings:

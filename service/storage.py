@@ -1,7 +1,9 @@
 """File storage under the data dir through fsspec: datasets/, jobs/<id>/{model.pt,data.npz,artifact.pt}.
 
-Writes are atomic (a temp name in the same folder, then a rename), so a reader never sees a
-half-written file; sizes are limited and sha256 is computed while the bytes stream through.
+Writes are atomic, so a reader never sees a half-written file: on a file system, a temp name in
+the same folder and then a rename; on S3 (which has no rename) the object is uploaded without
+committing it and only completed once every byte arrived, or aborted, so the final key appears
+whole or not at all. Sizes are limited and sha256 is computed while the bytes stream through.
 """
 
 from __future__ import annotations
@@ -15,12 +17,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 CHUNK = 1024 * 1024
+S3_PROTOCOLS = ("s3", "s3a")
+#: Read when a Storage is built without explicit options (e.g. in a worker process that got only the
+#: data dir); ``Settings.s3_endpoint_url`` reads the same variable.
+S3_ENDPOINT_ENV = "CERTIPRUNE_S3_ENDPOINT_URL"
+
+
+def storage_options(url: str, *, s3_endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``. S3: the endpoint (``s3_endpoint_url``, else $CERTIPRUNE_S3_ENDPOINT_URL),
+    and no cached directory listings, since other processes write the objects this one looks for."""
+    if get_protocol(url) not in S3_PROTOCOLS:
+        return {}
+    options: dict[str, Any] = {"use_listings_cache": False}
+    endpoint = s3_endpoint_url or os.environ.get(S3_ENDPOINT_ENV)
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
 
 
 class UploadTooLarge(Exception):
@@ -53,16 +75,28 @@ def job_dir(job_id: str) -> str:
 class Storage:
     """Datasets and job files below one root (local folder, or any fsspec URL such as s3://bucket/prefix)."""
 
-    def __init__(self, root: str) -> None:
-        self.fs, base = fsspec.core.url_to_fs(root)
+    def __init__(self, root: str, *, options: dict[str, Any] | None = None) -> None:
+        options = storage_options(root) if options is None else options
+        self.fs, base = fsspec.core.url_to_fs(root, **options)
         if isinstance(self.fs, LocalFileSystem):
             base = str(Path(base).expanduser().resolve())
         self.root = base.rstrip("/")
         self.fs.makedirs(self.root, exist_ok=True)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        return cls(settings.data_dir,
+                   options=storage_options(settings.data_dir, s3_endpoint_url=settings.s3_endpoint_url))
+
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_object_store(self) -> bool:
+        """S3: no rename, but an upload only becomes visible once it is completed."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return any(p in S3_PROTOCOLS for p in protocols)
 
     def full(self, relpath: str) -> str:
         rel = relpath.lstrip("/")
@@ -83,18 +117,33 @@ class Storage:
         """Copy ``src`` to ``relpath`` atomically, hashing on the way; UploadTooLarge past ``limit`` bytes."""
         target = self.full(relpath)
         parent = target.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         size = 0
+
+        def copy(out: BinaryIO) -> None:
+            nonlocal size
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise UploadTooLarge(limit)
+                digest.update(chunk)
+                out.write(chunk)
+
+        if self.is_object_store:
+            upload = self.fs.open(target, "wb", autocommit=False)  # parts stay invisible until commit()
+            try:
+                with upload:
+                    copy(upload)
+                upload.commit()
+            except BaseException:
+                upload.discard()  # abort the multipart upload: nothing appears, an older object stays
+                raise
+            return StoredFile(path=relpath, size=size, sha256=digest.hexdigest())
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         try:
             with self.fs.open(tmp, "wb") as out:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise UploadTooLarge(limit)
-                    digest.update(chunk)
-                    out.write(chunk)
+                copy(out)
             self.fs.mv(tmp, target)
         except BaseException:
             self._remove_quietly(tmp)
@@ -110,6 +159,8 @@ class Storage:
         self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
             os.replace(local, target)  # same folder: an atomic rename
+        elif self.is_object_store:
+            self.fs.put_file(str(local), target)  # a PUT or a multipart upload: visible only once complete
         else:
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
             self.fs.put_file(str(local), tmp)
@@ -168,9 +219,10 @@ class Storage:
             pass
 
 
-def open_uri(uri: str) -> BinaryIO:
+def open_uri(uri: str, options: dict[str, Any] | None = None) -> BinaryIO:
     """Open a dataset URI (any fsspec protocol) for reading; the caller checked it is allowed."""
-    return fsspec.open(uri, "rb").open()
+    options = storage_options(uri) if options is None else options
+    return fsspec.open(uri, "rb", **options).open()
 
 
-__all__ = ["StoredFile", "Storage", "UploadTooLarge", "job_dir", "open_uri", "sha256_file"]
+__all__ = ["Storage", "StoredFile", "UploadTooLarge", "job_dir", "open_uri", "sha256_file", "storage_options"]

@@ -2,7 +2,10 @@
 
 State changes are conditional UPDATEs (compare-and-set on ``status`` and ``run_id``), so an API
 process, several executors and stale worker processes can share one database without locks:
-a job is claimed by exactly one run, and only that run may finish it.
+a job is claimed by exactly one run, and only that run may finish it. The same models serve
+SQLite (one machine) and PostgreSQL (many machines; claims then also use ``FOR UPDATE SKIP
+LOCKED`` so racing claimers take different jobs instead of queueing on one row). The schema is
+owned by the Alembic migrations in ``service.migrations``: opening a store upgrades it.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ class JobRow(Base):
     run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the current claim
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Where the current (or last) run executes, recorded by the run itself: executor, node, pid, GPU ids.
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class DatasetRow(Base):
@@ -149,6 +154,7 @@ class Job:
     run_id: str | None
     worker_id: str | None
     heartbeat_at: datetime | None
+    placement: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
@@ -236,15 +242,23 @@ class JobStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # PostgreSQL: claimers skip rows another claimer has locked. SQLite has no row locks (one
+        # writer at a time), so the compare-and-set UPDATE alone decides there.
+        self._skip_locked = engine.dialect.name == "postgresql"
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
+    def from_url(cls, url: str, *, migrate: bool = True) -> JobStore:
+        """A store on ``url``; with ``migrate`` its schema is brought to the latest migration first."""
         store = cls(make_engine(url))
-        store.create_tables()
+        if migrate:
+            store.create_tables()
         return store
 
     def create_tables(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create or upgrade the schema (Alembic, serialised across processes; a no-op when current)."""
+        from .migrations import upgrade
+
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -350,12 +364,15 @@ class JobStore:
 
         Compare-and-set: the UPDATE only matches while the row is still queued, so when two
         executors race for one job exactly one sees rowcount 1; the other tries the next job.
+        On PostgreSQL the candidate is read ``FOR UPDATE SKIP LOCKED``: a racing claimer skips the
+        row being claimed and takes the next one instead of waiting for it.
         """
         for _ in range(20):
             with self._session() as s:
-                candidate = s.scalar(
-                    select(JobRow.id).where(JobRow.status == QUEUED).order_by(JobRow.seq).limit(1)
-                )
+                oldest = select(JobRow.id).where(JobRow.status == QUEUED).order_by(JobRow.seq).limit(1)
+                if self._skip_locked:
+                    oldest = oldest.with_for_update(skip_locked=True)
+                candidate = s.scalar(oldest)
                 if candidate is None:
                     return None
                 now = utcnow()
@@ -365,7 +382,7 @@ class JobStore:
                     .where(JobRow.id == candidate, JobRow.status == QUEUED)
                     .values(status=RUNNING, run_id=run_id, worker_id=worker_id, started_at=now,
                             heartbeat_at=now, progress_stage="starting", progress_done=0, progress_total=0,
-                            progress_message="Starting a worker process.")
+                            progress_message="Starting a worker process.", placement=None)
                 )
                 if res.rowcount == 1:
                     return Claim(job_id=candidate, run_id=run_id)
@@ -380,6 +397,16 @@ class JobStore:
                 .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
                 .values(progress_stage=stage, progress_done=int(done), progress_total=int(total),
                         progress_message=message, heartbeat_at=utcnow())
+            )
+            return res.rowcount == 1
+
+    def record_placement(self, *, job_id: str, run_id: str, placement: dict[str, Any]) -> bool:
+        """The run says where it executes (node, pid, GPU ids); only the run holding the claim may."""
+        with self._session() as s:
+            res = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.run_id == run_id, JobRow.status == RUNNING)
+                .values(placement=placement, heartbeat_at=utcnow())
             )
             return res.rowcount == 1
 

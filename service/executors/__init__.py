@@ -1,4 +1,8 @@
-"""Executors run queued jobs; the API only enqueues. ``local`` spawns worker processes on this machine."""
+"""Executors run queued jobs; the API only enqueues.
+
+``local`` spawns worker processes on this machine; ``ray`` runs each job as a Ray task on a Ray
+cluster (imported only when chosen, so Ray is needed only where it is used).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,14 @@ def make_executor(settings: Settings, store: JobStore) -> Executor | None:
         from .local import LocalExecutor
 
         return LocalExecutor(settings, store)
-    raise ValueError(f"Unknown executor {settings.executor!r}; valid: 'local', 'none'.")
+    if settings.executor == "ray":
+        try:
+            from .ray import RayExecutor
+        except ImportError as exc:
+            raise RuntimeError(f"The 'ray' executor needs Ray on this machine ({exc}). Install it with "
+                               "`pip install 'ray[default]'`, or choose the executor 'local'.") from exc
+        return RayExecutor(settings, store)
+    raise ValueError(f"Unknown executor {settings.executor!r}; valid: 'local', 'ray', 'none'.")
 
 
 __all__ = ["Executor", "make_executor"]

@@ -4,7 +4,11 @@ Uploaded TorchScript is untrusted code, so it never runs in the API process: eve
 fresh interpreter started with multiprocessing's *spawn* context (never fork: the API process
 has threads and open database connections). One job at a time on CPU, one per GPU with CUDA.
 The dispatcher also enforces cancellation (grace period, then SIGTERM, then SIGKILL), the
-wall-clock timeout, heartbeats, and recovery of jobs whose worker died.
+wall-clock timeout, heartbeats, and recovery of jobs whose worker died. Each worker sandboxes
+itself (``service.sandbox``: memory, CPU time, file size, open files) before loading the model;
+a worker killed by its CPU-time limit (SIGXCPU) fails its job ``job_timeout``, and one that aborts
+while writing the artifact (torch aborts on a failed write) fails it ``artifact_write_failed``,
+both without a retry. A dead run's partial files are removed before its job can run again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..store import (
     stale_cutoff,
     worker_is_gone_locally,
 )
-from ..worker import run_job
+from ..worker import discard_partial_job_files, run_job
 
 log = logging.getLogger("certiprune.executor")
 
@@ -219,6 +223,10 @@ class LocalExecutor:
         if job is None or job.status != RUNNING or job.run_id != run.claim.run_id:
             return  # the worker finished the job itself (or it was reassigned)
         code = run.process.exitcode
+        try:  # before the job can be claimed again: nobody else writes in its folder now
+            discard_partial_job_files(self.settings, job.id)
+        except OSError:
+            log.warning("could not remove the partial files of %s", job.id, exc_info=True)
         if run.reason == "timeout":
             self.store.finish(job_id=job.id, run_id=run.claim.run_id, status="failed", error_code="job_timeout",
                               error_message=f"The job exceeded the time limit of {self.settings.job_timeout_s:.0f} s "
@@ -226,6 +234,19 @@ class LocalExecutor:
                                             "or ask the operator to raise CERTIPRUNE_JOB_TIMEOUT_S.")
         elif run.reason == "cancel":
             self.store.finish(job_id=job.id, run_id=run.claim.run_id, status="cancelled")
+        elif code == -signal.SIGXCPU:  # the sandbox's RLIMIT_CPU (service.sandbox): deterministic, no retry
+            self.store.finish(job_id=job.id, run_id=run.claim.run_id, status="failed", error_code="job_timeout",
+                              error_message="The job used up the CPU time a run may take and was stopped "
+                                            "(CERTIPRUNE_SANDBOX_MAX_CPU_S). Check that the model's forward "
+                                            "terminates, use fewer sparsity levels or a smaller calibration set, "
+                                            "or ask the operator to raise the limit.")
+        elif code == -signal.SIGABRT and job.progress_stage == "saving":
+            # torch aborts the process when writing the artifact fails (disk full, RLIMIT_FSIZE): deterministic.
+            self.store.finish(job_id=job.id, run_id=run.claim.run_id, status="failed",
+                              error_code="artifact_write_failed",
+                              error_message="The worker crashed while writing the pruned model: the server's disk is "
+                                            "probably full, or the artifact is larger than a worker may write "
+                                            "(CERTIPRUNE_SANDBOX_MAX_FILE_BYTES). No artifact was stored.")
         elif run.reason == "shutdown":
             new = self.store.requeue_run(job_id=job.id, run_id=run.claim.run_id,
                                          message="The service shut down while the job was running; it will run again.")

@@ -11,11 +11,22 @@ from ..deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from ..errors import ApiError
 from ..intake import check_data, data_extension, peek, save_stream
 from ..schemas import DatasetPublic, ErrorBody
+from ..storage import Storage
 from ..store import new_dataset_id
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-ERRORS = {401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS = {401: {"model": ErrorBody, "description": "No valid API key."},
+          413: {"model": ErrorBody, "description": "The upload is larger than the server accepts."},
+          422: {"model": ErrorBody, "description": "Not a valid calibration set; the code names the problem."}}
+
+
+def _discard(storage: Storage, relpath: str) -> None:
+    """Remove a stored file of a refused upload (a file, so not ``remove_tree``)."""
+    try:
+        storage.fs.rm(storage.full(relpath))
+    except (OSError, FileNotFoundError):
+        pass
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, responses=ERRORS)
@@ -34,12 +45,12 @@ async def create_dataset(
     stored = await run_in_threadpool(save_stream, storage, file.file, relpath, settings.max_upload_bytes)
     try:
         summary = await run_in_threadpool(check_data, storage, relpath)
+        ds = await run_in_threadpool(
+            lambda: store.create_dataset(dataset_id=dataset_id, owner=owner, path=relpath, size=stored.size,
+                                         sha256=stored.sha256, n=summary.n, x_shape=summary.x_shape,
+                                         has_labels=summary.has_labels)
+        )
     except BaseException:
-        await run_in_threadpool(storage.remove_tree, relpath)
+        await run_in_threadpool(_discard, storage, relpath)
         raise
-    ds = await run_in_threadpool(
-        lambda: store.create_dataset(dataset_id=dataset_id, owner=owner, path=relpath, size=stored.size,
-                                     sha256=stored.sha256, n=summary.n, x_shape=summary.x_shape,
-                                     has_labels=summary.has_labels)
-    )
     return DatasetPublic.from_dataset(ds)

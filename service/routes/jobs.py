@@ -1,36 +1,50 @@
-"""/v1/jobs: submit, list, get, cancel; download the pruned artifact and the report."""
+"""/v1/jobs: submit, list, get, cancel; download the pruned artifact and the report.
+
+``POST /v1/jobs`` honours an ``Idempotency-Key`` header: the job id is derived from the caller's
+tenant and the key, so a retried submission finds the job it created (200, same id), a different
+submission under the same key is refused (422 ``idempotency_key_reused``), and two racing
+submissions with one key create one job (the store's unique job id decides). Keys are per tenant.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ExecutorDep, MetricsDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from ..errors import ApiError
 from ..intake import (
     DataSummary,
-    allowed_dataset_uri,
     check_data,
+    check_idempotency_key,
     check_labels_for_risk,
     check_model,
     check_uncertainty,
     copy_dataset_uri,
     data_extension,
+    dataset_uri_problem,
     parse_config,
     peek,
     save_stream,
+    sha256_stream,
 )
 from ..report_page import prefers_html, render_report
 from ..schemas import ErrorBody, JobPublic, JobsPublic, JobStatus
-from ..storage import job_dir
+from ..storage import Storage, job_dir
 from ..store import SUCCEEDED, Job, JobStore, new_job_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-ERR = {"model": ErrorBody}
+AUTH = {401: {"model": ErrorBody, "description": "No valid API key."}}
+NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API key."}}
+INVALID = {422: {"model": ErrorBody, "description": "Invalid parameters (code `validation_error`)."}}
 
 
 def _get_or_404(store: JobStore, job_id: str, owner: str) -> Job:
@@ -50,8 +64,63 @@ def _require_succeeded(job: Job, what: str) -> None:
     raise ApiError(409, "job_not_succeeded", f"Job {job.id} is {job.status}; it has no {what}.")
 
 
+def idempotent_job_id(owner: str, key: str) -> str:
+    """The job id a tenant's Idempotency-Key maps to (unguessable without the tenant's API key)."""
+    return "job_" + hashlib.sha256(f"certiprune-idempotency\0{owner}\0{key}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a submission asks for, to tell a retry from a different request under the same key."""
+
+    config: dict[str, Any]
+    model_sha256: str
+    data_sha256: str | None  # uploaded data or a URI's content; None for a ds_ id
+    dataset_id: str | None
+    uncertainty_sha256: str | None
+
+
+def _job_fingerprint(storage: Storage, job: Job) -> Fingerprint:
+    unc = None
+    if job.uncertainty_path:
+        with storage.open(job.uncertainty_path) as fh:
+            unc = sha256_stream(fh)
+    return Fingerprint(config=dict(job.config), model_sha256=job.model_sha256,
+                       data_sha256=None if job.dataset_id else job.data_sha256, dataset_id=job.dataset_id,
+                       uncertainty_sha256=unc)
+
+
+def _replay(storage: Storage, existing: Job, request: Fingerprint, response: Response) -> JobPublic:
+    """The job a retried submission created (200), or 422 when the key was used for another request."""
+    held = _job_fingerprint(storage, existing)
+    if held != request:
+        differs = [name for name in ("config", "model_sha256", "data_sha256", "dataset_id", "uncertainty_sha256")
+                   if getattr(held, name) != getattr(request, name)]
+        raise ApiError(422, "idempotency_key_reused",
+                       f"This Idempotency-Key was already used for job {existing.id} with a different request "
+                       f"(differs in: {', '.join(d.removesuffix('_sha256') for d in differs)}). Use a new key for a "
+                       "new job, or resend exactly the original request to get its job back.")
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{existing.id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.from_job(existing)
+
+
+def _remove_request_files(storage: Storage, base: str, job_folder: str) -> None:
+    storage.remove_tree(base)
+    if base != job_folder and storage.is_local:  # an idempotent request's own subfolder: drop the parent if empty
+        try:
+            storage.local_path(job_folder).rmdir()
+        except OSError:
+            pass
+
+
 @router.post("", status_code=202, response_model=JobPublic,
-             responses={401: ERR, 404: ERR, 413: ERR, 422: ERR})
+             responses={200: {"model": JobPublic, "description": "Replay: the job this Idempotency-Key created."},
+                        **AUTH, 404: {"model": ErrorBody, "description": "No such dataset for this API key."},
+                        413: {"model": ErrorBody, "description": "The upload is larger than the server accepts."},
+                        422: {"model": ErrorBody, "description": "Bad model, data, config or parameters; the code "
+                                                                 "names the problem."}})
 async def create_job(
     response: Response,
     owner: OwnerDep,
@@ -65,8 +134,14 @@ async def create_job(
     dataset: Annotated[str | None, Form(description="Instead of `data`: a ds_ id, or an allowed URI")] = None,
     uncertainty: Annotated[UploadFile | None, File(description="safetensors training statistics (for mu)")] = None,
     config: Annotated[str | None, Form(description="JSON object of certification parameters")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key",
+        description="Makes retries safe: the same key and request return the job already created (200); the same "
+                    "key with another request is refused (422 idempotency_key_reused). Scoped to the API key.",
+    )] = None,
 ) -> JobPublic:
     """Queue a certification. Inputs are validated here; the model itself only ever runs in a worker."""
+    idem = check_idempotency_key(idempotency_key)
     cfg = parse_config(config)
     if model is None:
         raise ApiError(422, "missing_model", "Send the model as the multipart file field 'model' "
@@ -81,11 +156,29 @@ async def create_job(
         raise ApiError(422, "uncertainty_without_mu",
                        "An 'uncertainty' file is only used by the criterion 'mu'; add \"mu\" to config.criterion "
                        "or drop the file.")
+    is_uri = bool(dataset) and not dataset.startswith("ds_")
+    if is_uri:
+        assert dataset is not None
+        problem = await run_in_threadpool(dataset_uri_problem, dataset, settings.allowed_dataset_roots)  # DNS
+        if problem is not None:
+            raise ApiError(422, *problem)
 
-    job_id = new_job_id()
-    base = job_dir(job_id)
     limit = settings.max_upload_bytes
+    if idem is None:
+        job_id = new_job_id()
+        base = job_folder = job_dir(job_id)
+    else:
+        job_id = idempotent_job_id(owner, idem)
+        job_folder = job_dir(job_id)
+        base = f"{job_folder}/request-{uuid.uuid4().hex}"  # racing retries never share files
+        existing = await run_in_threadpool(lambda: store.get(job_id=job_id, owner=owner))
+        if existing is not None:
+            request = await run_in_threadpool(_upload_fingerprint, cfg.to_dict(), model, data, dataset, uncertainty,
+                                              existing, limit)
+            return await run_in_threadpool(_replay, storage, existing, request, response)
+
     dataset_id: str | None = None
+    unc_sha: str | None = None
     try:
         stored_model = await run_in_threadpool(save_stream, storage, model.file, f"{base}/model.pt", limit)
         await run_in_threadpool(check_model, storage, stored_model.path)
@@ -104,10 +197,6 @@ async def create_job(
             summary = DataSummary(n=ds.n, x_shape=ds.x_shape, has_labels=ds.has_labels)
         else:
             assert dataset is not None
-            if not allowed_dataset_uri(dataset, settings.allowed_dataset_roots):
-                raise ApiError(422, "dataset_not_allowed",
-                               f"The dataset {dataset!r} is neither a ds_ id nor under a location this server "
-                               "allows (CERTIPRUNE_ALLOWED_DATASET_ROOTS). Upload it with POST /v1/datasets.")
             stored_data = await run_in_threadpool(copy_dataset_uri, storage, dataset, f"{base}/data", limit)
             data_path, data_sha = stored_data.path, stored_data.sha256
             summary = await run_in_threadpool(check_data, storage, data_path)
@@ -118,15 +207,25 @@ async def create_job(
             stored_unc = await run_in_threadpool(save_stream, storage, uncertainty.file,
                                                  f"{base}/uncertainty.safetensors", limit)
             await run_in_threadpool(check_uncertainty, storage, stored_unc.path)
-            uncertainty_path = stored_unc.path
+            uncertainty_path, unc_sha = stored_unc.path, stored_unc.sha256
 
         job = await run_in_threadpool(
             lambda: store.create(job_id=job_id, owner=owner, config=cfg.to_dict(), model_path=stored_model.path,
                                  data_path=data_path, model_sha256=stored_model.sha256, data_sha256=data_sha,
                                  dataset_id=dataset_id, uncertainty_path=uncertainty_path)
         )
+    except IntegrityError:
+        await run_in_threadpool(_remove_request_files, storage, base, job_folder)
+        winner = await run_in_threadpool(lambda: store.get(job_id=job_id, owner=owner)) if idem else None
+        if winner is None:
+            raise
+        # A concurrent submission with the same key created the job first: this one is its retry.
+        request = Fingerprint(config=cfg.to_dict(), model_sha256=stored_model.sha256,
+                              data_sha256=None if dataset_id else data_sha, dataset_id=dataset_id,
+                              uncertainty_sha256=unc_sha)
+        return await run_in_threadpool(_replay, storage, winner, request, response)
     except BaseException:
-        await run_in_threadpool(storage.remove_tree, base)
+        await run_in_threadpool(_remove_request_files, storage, base, job_folder)
         raise
     metrics.jobs_submitted.inc()
     if executor is not None:
@@ -135,12 +234,34 @@ async def create_job(
     return JobPublic.from_job(job)
 
 
-@router.get("", response_model=JobsPublic, responses={401: ERR})
+def _upload_fingerprint(config: dict[str, Any], model: UploadFile, data: UploadFile | None, dataset: str | None,
+                        uncertainty: UploadFile | None, existing: Job, limit: int) -> Fingerprint:
+    """The fingerprint of a submission whose key already has a job, computed without storing anything."""
+    data_sha: str | None = None
+    if data is not None:
+        data_sha = sha256_stream(data.file)
+    elif dataset and not dataset.startswith("ds_") and existing.dataset_id is None:
+        data_sha = _uri_sha256(dataset, limit)  # a URI is snapshotted: its content is what the job read
+    return Fingerprint(config=config, model_sha256=sha256_stream(model.file), data_sha256=data_sha,
+                       dataset_id=dataset if dataset and dataset.startswith("ds_") else None,
+                       uncertainty_sha256=sha256_stream(uncertainty.file) if uncertainty is not None else None)
+
+
+def _uri_sha256(uri: str, limit: int) -> str:
+    """sha256 of an (already allowed) dataset URI's content, read as a job would snapshot it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="certiprune-idem-") as tmp:
+        scratch = Storage(tmp)
+        return copy_dataset_uri(scratch, uri, "probe", limit).sha256
+
+
+@router.get("", response_model=JobsPublic, responses={**AUTH, **INVALID})
 def list_jobs(
     owner: OwnerDep,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
 ) -> JobsPublic:
     """The caller's jobs, newest first; ``count`` is the total over all pages."""
@@ -148,12 +269,14 @@ def list_jobs(
     return JobsPublic(data=[JobPublic.from_job(j) for j in jobs], count=count)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses={401: ERR, 404: ERR})
+@router.get("/{job_id}", response_model=JobPublic, responses={**AUTH, **NOT_FOUND, **INVALID})
 def get_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_job(_get_or_404(store, job_id, owner))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses={401: ERR, 404: ERR, 409: ERR})
+@router.post("/{job_id}/cancel", response_model=JobPublic,
+             responses={**AUTH, **NOT_FOUND, 409: {"model": ErrorBody, "description": "The job already ended."},
+                        **INVALID})
 def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
     """Queued: cancelled at once. Running: the worker stops at its next check (killed after a grace period).
 
@@ -168,7 +291,9 @@ def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
 
 
 @router.get("/{job_id}/artifact", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}, 401: ERR, 404: ERR, 409: ERR})
+            responses={200: {"content": {"application/octet-stream": {}}}, **AUTH, **NOT_FOUND,
+                       409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},
+                       410: {"model": ErrorBody, "description": "The artifact is no longer stored."}, **INVALID})
 def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep) -> Response:
     """The pruned TorchScript archive; verify it against the X-Checksum-SHA256 header."""
     job = _get_or_404(store, job_id, owner)
@@ -191,7 +316,9 @@ def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: Storage
 
 
 @router.get("/{job_id}/report", responses={200: {"content": {"application/json": {}, "text/html": {}}},
-                                          401: ERR, 404: ERR, 409: ERR})
+                                          **AUTH, **NOT_FOUND,
+                                          409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},
+                                          **INVALID})
 def get_report(
     job_id: str, owner: OwnerDep, store: StoreDep, accept: Annotated[str | None, Header()] = None
 ) -> Response:
