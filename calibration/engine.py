@@ -233,10 +233,9 @@ def certify(
         use_bn = False
     bound = resolve_bound(cfg.bound, risk)
     procedure = get_procedure(cfg.procedure)
-    x_all = torch.from_numpy(data.x).to(device)
-    x_cal = x_all[torch.from_numpy(split.cal).to(device)]
-    x_tune = x_all[torch.from_numpy(split.tune).to(device)]
-    del x_all
+    # Gather each split on the host, then move it: the device never holds a second full copy.
+    x_cal = torch.from_numpy(data.x[split.cal]).to(device)
+    x_tune = torch.from_numpy(data.x[split.tune]).to(device)
     run.timings["load_s"] = time.perf_counter() - t0
 
     with evaluation_precision(cfg.precision, device), \
