@@ -23,10 +23,10 @@ from . import batchnorm
 from .config import LABELLED_RISKS, CertifyConfig, validate_config
 from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
-from .errors import CancelledError, ConfigError, ModelError
+from .errors import CancelledError, ConfigError, ModelError, exception_summary
 from .fast_eval import Predictor
 from .masks import NestedMasks, apply_masks, restore
-from .model import PrunableWeight, batchnorm_modules, find_prunable, load_model, resolve_device, save_model
+from .model import batchnorm_modules, find_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
 from .procedures import get_procedure, split_delta
@@ -110,7 +110,7 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
     n_classes = -1
 
     def failed(xb: torch.Tensor, exc: BaseException) -> None:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = exception_summary(exc)
         raise ModelError(
             f"The model failed on a batch of inputs of shape {list(xb.shape)}: {first}. "
             "Check that the data's input shape matches what the model expects.",

@@ -47,6 +47,26 @@ class UncertaintyError(CalibrationError):
     code = "invalid_uncertainty"
 
 
+def exception_summary(exc: BaseException) -> str:
+    """The most telling line of an error for a person.
+
+    TorchScript wraps the model's own exception: its first line is "The following operation
+    failed in the TorchScript interpreter." and the user's message comes last.
+    """
+    inner = exc
+    seen: list[BaseException] = []
+    while (inner.__cause__ or inner.__context__) is not None and inner not in seen and len(seen) < 20:
+        seen.append(inner)
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(inner).__name__
+    line = lines[-1] if "TorchScript" in lines[0] else lines[0]
+    if ":" not in line.split(" ", 1)[0]:
+        line = f"{type(inner).__name__}: {line}"
+    return line[:500]
+
+
 class CancelledError(Exception):
     """Raised inside the engine when the caller's ``should_stop`` says so."""
 
@@ -58,4 +78,5 @@ __all__ = [
     "DataError",
     "ModelError",
     "UncertaintyError",
+    "exception_summary",
 ]

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, exception_summary
 
 #: Module types whose ``weight`` is prunable (SPEC §2). Names are TorchScript ``original_name``s.
 PRUNABLE_TYPES = frozenset(
@@ -106,7 +106,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         try:
             module = torch.jit.load(str(path), map_location=device)
         except Exception as exc:  # torch raises RuntimeError with C++ text
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = exception_summary(exc)
             raise ModelError(f"The TorchScript archive could not be loaded: {first}",
                              code="model_load_failed") from exc
     module.eval()

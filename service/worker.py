@@ -295,15 +295,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def root_cause_line(exc: BaseException) -> str:
-    """The most telling line of the innermost error: TorchScript puts the user's exception last."""
-    inner = _chain(exc)[-1]
-    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(inner).__name__
-    line = lines[-1] if "TorchScript" in lines[0] else lines[0]
-    if ":" not in line.split(" ", 1)[0]:
-        line = f"{type(inner).__name__}: {line}"
-    return line[:500]
+    """The most telling line of the innermost error (TorchScript puts the user's exception last)."""
+    from calibration.errors import exception_summary  # lazy: calibration imports torch
+
+    return exception_summary(exc)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
