@@ -12,9 +12,19 @@ from .config import BOUNDS, CRITERIA, PATTERNS, PROCEDURES, RISKS
 from .errors import CalibrationError
 
 EXAMPLES = """examples:
+  # certify with the defaults (magnitude pruning, ε = 0.01 accuracy drop, δ = 0.1) and write the pruned model
   certiprune certify model.pt --data cal.npz --out pruned.pt
-  certiprune certify model.pt --data cal.npz --criterion magnitude mu --epsilon 0.02 --delta 0.05 \\
-      --out pruned.pt --report report.json
+
+  # try two criteria, tolerate 2 points of accuracy drop at 95 % confidence; JSON report + PNG plot
+  certiprune certify model.pt --data cal.npz --criterion magnitude obd --epsilon 0.02 --delta 0.05 \\
+      --out pruned.pt --report report.json          # also writes report.png
+
+  # unlabelled data: certify that predictions change on at most 1 % of inputs, on a coarse grid, on a GPU
+  certiprune certify model.pt --data unlabelled.safetensors --risk disagreement --sparsities 0.3,0.5,0.7,0.9 \\
+      --device cuda --out pruned.pt
+
+calibration data: .npz or .safetensors with x (the model's inputs) and, optionally, y (integer labels).
+The guarantee holds for data drawn like the calibration set; see the JSON report's "guarantee".
 """
 
 
@@ -27,20 +37,27 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the pruned TorchScript model")
     p.add_argument("--report", help="write the result JSON here (and a PNG plot beside it)")
     p.add_argument("--uncertainty", help="safetensors of per-parameter training statistics (criterion mu)")
-    p.add_argument("--criterion", nargs="+", choices=CRITERIA)
-    p.add_argument("--scope", choices=("global", "layerwise"))
-    p.add_argument("--risk", choices=RISKS)
-    p.add_argument("--epsilon", type=float)
-    p.add_argument("--delta", type=float)
-    p.add_argument("--bound", choices=BOUNDS)
-    p.add_argument("--procedure", choices=PROCEDURES)
+    p.add_argument("--criterion", nargs="+", choices=CRITERIA,
+                   help="which weights go first; several are tested with δ split between them (default magnitude)")
+    p.add_argument("--scope", choices=("global", "layerwise"),
+                   help="rank weights across the whole model (global, default) or within each layer")
+    p.add_argument("--risk", choices=RISKS, help="what must stay under ε (default accuracy_drop with labels, "
+                   "disagreement without)")
+    p.add_argument("--epsilon", type=float, help="tolerance ε in (0, 1) for the risk (default 0.01)")
+    p.add_argument("--delta", type=float, help="allowed failure probability δ in (0, 1) (default 0.1: 90%% sure)")
+    p.add_argument("--bound", choices=BOUNDS, help="p-value and confidence bound (default auto, which is binomial)")
+    p.add_argument("--procedure", choices=PROCEDURES,
+                   help="family-wise error control over the levels (default fixed_sequence)")
     p.add_argument("--sparsities", help="comma-separated increasing list, e.g. 0.1,0.2,0.3")
-    p.add_argument("--tune-fraction", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tune-fraction", type=float,
+                   help="share of the data held out for scoring (obd, mu) and BatchNorm re-estimation (default 0.25 "
+                        "when needed, else 0)")
+    p.add_argument("--seed", type=int, help="seed of the tune/calibration split and of 'random'")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (default 512)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to evaluate (default auto)")
     p.add_argument("--full-curve", action="store_true", help="evaluate every level, also after testing stopped")
-    p.add_argument("--exclude-first-last", action="store_true")
+    p.add_argument("--exclude-first-last", action="store_true",
+                   help="never prune the first and the last prunable layer")
     p.add_argument("--reconstruct", action="store_true",
                    help="re-fit the kept weights of each layer on D_tune after masking (Optimal Brain Surgeon)")
     p.add_argument("--pattern", choices=PATTERNS,

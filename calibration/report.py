@@ -44,35 +44,95 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-def plot_risk_curve(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """PNG of empirical risk and its upper confidence bound per tested sparsity, ε and λ̂ marked."""
-    import matplotlib
+RISK_LABELS = {
+    "accuracy_drop": "accuracy drop (dense − pruned)",
+    "disagreement": "disagreement with the dense model",
+    "error_rate": "error rate",
+}
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for crit in result.get("criteria") or [{"criterion": result["criterion"], "levels": result["levels"]}]:
-        lv = [lvl for lvl in crit["levels"] if lvl["evaluated"]]
+def _series(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per criterion: name, δ share and levels; a result without ``criteria`` is one series."""
+    return result.get("criteria") or [{"criterion": result["criterion"], "delta": result["delta"],
+                                       "levels": result["levels"]}]
+
+
+def _y_limits(result: dict[str, Any]) -> tuple[float, float, bool]:
+    """(low, high, cut): ε and each criterion's levels up to its first failure stay in view; what rises far
+    above (a full curve, bounds near 1) is cut, so the region around ε stays readable."""
+    eps = float(result["epsilon"])
+    risks, values, decisive = [0.0], [eps], []
+    for crit in _series(result):
+        failed = False
+        for lvl in crit["levels"]:
+            if not lvl["evaluated"] or lvl["empirical_risk"] is None:
+                continue
+            risks.append(lvl["empirical_risk"])
+            values += [lvl["empirical_risk"]] + ([lvl["upper_bound"]] if lvl.get("upper_bound") is not None else [])
+            if not failed:
+                decisive.append(lvl["empirical_risk"])
+                failed = not lvl["rejected"]
+    high = min(max(values + [1e-3]), max(2.5 * eps, 1.15 * max(decisive, default=0.0), 1e-3))
+    pad = 0.06 * (high - min(risks))
+    return min(risks) - (pad if min(risks) < 0 else 0.0), high + pad, max(values) > high + pad
+
+
+def risk_curve_figure(result: dict[str, Any]):  # -> matplotlib.figure.Figure
+    """Empirical risk (solid) and its upper confidence bound (dashed) per tested sparsity and criterion,
+    ε (red) and the certified λ̂ (green). Filled dots: levels the procedure rejected (certified safe).
+
+    Built without pyplot, so it neither needs a display nor changes matplotlib's global backend.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(8, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    for crit in _series(result):
+        lv = [lvl for lvl in crit["levels"] if lvl["evaluated"] and lvl["empirical_risk"] is not None]
+        if not lv:
+            continue
         xs = [lvl["sparsity"] for lvl in lv]
-        line, = ax.plot(xs, [lvl["empirical_risk"] for lvl in lv], marker=".", label=f"{crit['criterion']}: empirical risk")
-        ucb = [lvl.get("upper_bound") for lvl in lv]
-        if all(u is not None for u in ucb):
-            ax.plot(xs, ucb, linestyle="--", color=line.get_color(), label=f"{crit['criterion']}: upper bound")
-    ax.axhline(result["epsilon"], color="crimson", linewidth=1, label=f"ε = {result['epsilon']}")
+        line, = ax.plot(xs, [lvl["empirical_risk"] for lvl in lv], label=f"{crit['criterion']}: empirical risk")
+        colour = line.get_color()
+        safe = [lvl for lvl in lv if lvl["rejected"]]
+        unsafe = [lvl for lvl in lv if not lvl["rejected"]]
+        ax.plot([lvl["sparsity"] for lvl in safe], [lvl["empirical_risk"] for lvl in safe], "o", ms=3.5,
+                color=colour)
+        ax.plot([lvl["sparsity"] for lvl in unsafe], [lvl["empirical_risk"] for lvl in unsafe], "o", ms=3.5,
+                mfc="white", color=colour)
+        ucb = [(lvl["sparsity"], lvl["upper_bound"]) for lvl in lv if lvl.get("upper_bound") is not None]
+        if ucb:
+            conf = f"{(1 - crit['delta']) * 100:.3g}% " if crit.get("delta") is not None else ""
+            ax.plot(*zip(*ucb), linestyle="--", color=colour, label=f"{crit['criterion']}: {conf}upper bound")
+    ax.axhline(result["epsilon"], color="crimson", linestyle=(0, (6, 3)), linewidth=1.2,
+               label=f"tolerance ε = {result['epsilon']:g}")
     if result["certified"]:
-        ax.axvline(result["certified_sparsity"], color="green", linewidth=1,
-                   label=f"certified λ̂ = {result['certified_sparsity']:.2f}")
-    ax.set_xlabel("sparsity (fraction of prunable weights zeroed)")
-    ax.set_ylabel(result["risk"])
-    ax.set_title("certiprune: risk vs sparsity")
+        ax.axvline(result["certified_sparsity"], color="green", linewidth=1.2,
+                   label=f"certified λ̂ = {result['certified_sparsity']:.0%} ({result['criterion']})")
+    low, high, cut = _y_limits(result)
+    ax.set_ylim(low, high)
+    ax.set_xlim(left=0.0)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
+    ax.set_ylabel(RISK_LABELS.get(result["risk"], result["risk"]))
+    verdict = (f"certified {result['certified_sparsity']:.0%} sparsity" if result["certified"]
+               else "nothing certified")
+    ax.set_title(f"certiprune: {verdict} (ε = {result['epsilon']:g}, δ = {result['delta']:g})")
+    if cut:
+        ax.annotate(f"values above {high:.3g} are cut off", xy=(0.99, 0.02), xycoords="axes fraction",
+                    ha="right", fontsize=7, color="grey")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
+    return fig
+
+
+def plot_risk_curve(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save :func:`risk_curve_figure` as a PNG at ``path``; returns the path."""
     out = Path(path)
-    fig.savefig(out)
-    plt.close(fig)
+    risk_curve_figure(result).savefig(out, format="png")
     return out
 
 
-__all__ = ["format_summary", "plot_risk_curve"]
+__all__ = ["format_summary", "plot_risk_curve", "risk_curve_figure"]

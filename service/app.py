@@ -14,7 +14,7 @@ from .errors import install_error_handlers
 from .executors import make_executor
 from .metrics import Metrics
 from .middleware import MetricsMiddleware, UploadGuardMiddleware
-from .routes import datasets, health, jobs
+from .routes import datasets, health, jobs, pages
 from .settings import Settings
 from .storage import Storage
 from .store import JobStore
@@ -69,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(pages.router)
     return app
 
 

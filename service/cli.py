@@ -241,23 +241,47 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    params: dict[str, Any] = {"limit": args.limit, "offset": args.offset}
+    if args.status:
+        params["status"] = args.status
     with _client(args) as client:
-        page = _check(client.get("/v1/jobs", params={"limit": args.limit, "offset": args.offset})).json()
-    table = Table(title=f"{page['count']} job(s)")
-    table.add_column("id", no_wrap=True)  # ids are copied into other commands: never wrap them
-    for col in ("status", "created", "progress", "certified sparsity", "error"):
-        table.add_column(col)
+        page = _check(client.get("/v1/jobs", params=params)).json()
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    # Piped output is never wrapped: ids are copied into other commands and grepped for.
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    shown = len(page["data"])
+    table = Table(title=f"{page['count']} job(s)" + (f", {shown} shown" if shown < page["count"] else ""),
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("progress", no_wrap=True)
+    table.add_column("criterion, ε")
+    table.add_column("certified", justify="right", no_wrap=True)
+    table.add_column("error")
     for job in page["data"]:
         result = job.get("result") or {}
         err = job.get("error") or {}
         prog = job["progress"]
+        cfg = job.get("config") or {}
+        active = job["status"] in ("queued", "running")
+        criterion = cfg.get("criterion")
+        criterion = "+".join(criterion) if isinstance(criterion, list) else str(criterion or "")
+        certified = result.get("certified_sparsity")
         table.add_row(job["id"], job["status"], job["created_at"][:19].replace("T", " "),
-                      f"{prog.get('stage') or ''} {prog['fraction']:.0%}", str(result.get("certified_sparsity", "")),
+                      f"{prog['fraction']:.0%}" + (f" {prog.get('stage')}" if active and prog.get("stage") else ""),
+                      f"{criterion}, {cfg.get('epsilon')}" if cfg else "",
+                      "" if certified is None else f"{certified:.0%}" if result.get("certified") else "none",
                       err.get("code", ""))
-    Console().print(table)
+    console.print(table)
+    if args.offset + shown < page["count"]:
+        console.print(f"More: certiprune jobs --offset {args.offset + shown} --limit {args.limit}")
     return 0
 
 
@@ -275,6 +299,64 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=os.environ.get("CERTIPRUNE_SERVER", DEFAULT_SERVER),
                    help="API base URL (env CERTIPRUNE_SERVER)")
     p.add_argument("--api-key", default=os.environ.get("CERTIPRUNE_API_KEY"), help="API key (env CERTIPRUNE_API_KEY)")
+
+
+EPILOGS = {
+    "certiprune": """examples:
+  certiprune certify model.pt --data cal.npz --out pruned.pt --report report.json   # offline, no server
+  certiprune serve                   # the API and a worker; open http://127.0.0.1:8000/ in a browser
+  certiprune submit model.pt --data cal.npz --wait --out pruned.pt
+  certiprune jobs
+  certiprune cancel job_0123456789abcdef01234567
+
+`certiprune COMMAND --help` shows each command's options and more examples.
+""",
+    "serve": """examples:
+  certiprune serve                                  # http://127.0.0.1:8000, files and SQLite under ./data
+  certiprune serve --port 9000 --data-dir /srv/certiprune
+  CERTIPRUNE_API_KEYS=key-one,key-two certiprune serve --host 0.0.0.0   # other interfaces need API keys
+  certiprune serve --executor none                  # API only; run `certiprune worker` elsewhere
+
+In a browser, the server's address shows the jobs as they run, each with its report
+(the risk curve, the guarantee, per-layer sparsity and a download button). With API keys,
+type a key into the page's form; it stays in that browser tab.
+Every setting can also come from a CERTIPRUNE_* environment variable (e.g. CERTIPRUNE_DATABASE_URL).
+""",
+    "worker": """examples:
+  certiprune serve --executor none --data-dir /srv/certiprune          # the API, on one machine
+  certiprune worker --data-dir /srv/certiprune --concurrency 2         # workers, on others
+  CERTIPRUNE_DATABASE_URL=postgresql+psycopg://… certiprune worker --data-dir s3://bucket/certiprune
+  certiprune worker --executor ray --ray-address auto                  # jobs as Ray tasks
+
+Workers and the API must share the data dir and the database. Stop with Ctrl+C or SIGTERM:
+the jobs it was running go back to the queue for another worker.
+""",
+    "submit": """examples:
+  certiprune submit model.pt --data cal.npz --wait          # a progress bar, then the guarantee
+  certiprune submit model.pt --data cal.npz --criterion magnitude obd --epsilon 0.02 --delta 0.05 \\
+      --out pruned.pt --report report.json                  # download (checksum verified) and the result JSON
+  certiprune submit model.pt --dataset ds_0123456789abcdef01234567 --config @config.json
+  CERTIPRUNE_SERVER=https://prune.example.com CERTIPRUNE_API_KEY=… certiprune submit model.pt --data cal.npz
+
+Without --wait or --out it prints the job id and returns; follow the job with `certiprune jobs`
+or in a browser at the server's address. --epsilon, --delta, --risk, --scope, --bound, --procedure,
+--seed, --tune-fraction, --batch-size and --device mean what `certiprune certify --help` says.
+""",
+    "jobs": """examples:
+  certiprune jobs                             # the newest 20
+  certiprune jobs --status running
+  certiprune jobs --limit 50 --offset 50      # the next page
+  certiprune jobs --json | jq -r '.data[].id'
+
+The same list, updating live and linking to each report, is at the server's address in a browser.
+""",
+    "cancel": """examples:
+  certiprune cancel job_0123456789abcdef01234567
+  certiprune jobs --status running --json | jq -r '.data[].id' | xargs -n1 certiprune cancel
+
+A queued job is cancelled at once; a running one stops at its next check (and is killed after a grace period).
+""",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list jobs on a server, newest first")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=20, help="jobs per page (default 20, at most 1000)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many of the newest jobs")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"],
+                   help="only jobs in this status")
+    p.add_argument("--json", action="store_true", help="print the API's JSON page instead of a table")
     _add_client_args(p)
     p.set_defaults(func=cmd_jobs)
 
@@ -343,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     _add_client_args(p)
     p.set_defaults(func=cmd_cancel)
+
+    parser.epilog = EPILOGS["certiprune"]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for name, subparser in sub.choices.items():
+        if name in EPILOGS:
+            subparser.epilog = EPILOGS[name]
+            subparser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

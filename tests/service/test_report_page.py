@@ -1,10 +1,58 @@
-"""The HTML report: content negotiation and a page that states the guarantee and plots the curve."""
+"""The HTML report and the pages for people: content negotiation, escaping, the plot's geometry, the CSP."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from service.report_page import prefers_html, render_report
+from service.report_page import plot_ranges, prefers_html, render_report, risk_plot_svg
+
+SVG = "{http://www.w3.org/2000/svg}"
+HOSTILE = '<img src=x onerror="alert(1)">'
+
+
+def level(s: float, risk: float | None, ucb: float | None, rejected: bool, evaluated: bool = True) -> dict[str, Any]:
+    return {"sparsity": s, "empirical_risk": risk, "upper_bound": ucb, "p_value": 0.01 if rejected else 0.5,
+            "rejected": rejected, "evaluated": evaluated}
+
+
+def make_result(**changes: Any) -> dict[str, Any]:
+    magnitude = [level(0.1, 0.0, 0.01, True), level(0.2, 0.02, 0.04, True), level(0.3, 0.05, 0.09, False),
+                 level(0.4, None, None, False, evaluated=False)]
+    obd = [level(0.1, 0.0, 0.005, True), level(0.2, 0.01, 0.03, True), level(0.3, 0.03, 0.06, False),
+           level(0.4, None, None, False, evaluated=False)]
+    result = {
+        "certified_sparsity": 0.2, "certified": True, "epsilon": 0.05, "delta": 0.1, "risk": "accuracy_drop",
+        "bound": "binomial", "procedure": "fixed_sequence", "criterion": "magnitude", "scope": "global",
+        "n_calibration": 500, "n_tune": 0, "dense_accuracy": 0.95, "pruned_accuracy": 0.9312,
+        "prunable_parameters": 1000, "zeroed_parameters": 200, "total_parameters": 1010, "artifact_bytes": 20480,
+        "artifact_sha256": "ab" * 32, "guarantee": "With probability at least 0.9 the risk is at most 0.05.",
+        "levels": magnitude,
+        "criteria": [{"criterion": "magnitude", "delta": 0.05, "certified_sparsity": 0.2, "certified": True,
+                      "levels": magnitude},
+                     {"criterion": "obd", "delta": 0.05, "certified_sparsity": 0.2, "certified": True,
+                      "levels": obd}],
+        "layers": [{"name": "0.weight", "type": "Linear", "parameters": 800, "zeroed": 180, "sparsity": 0.225},
+                   {"name": "2.weight", "type": "Linear", "parameters": 200, "zeroed": 20, "sparsity": 0.1}],
+    }
+    result.update(changes)
+    return result
+
+
+def svg_of(page: str) -> ET.Element:
+    match = re.search(r"<svg.*?</svg>", page, re.DOTALL)
+    assert match, "no <svg> in the page"
+    return ET.fromstring(match.group(0))  # well-formed XML, or this raises
+
+
+def points(polyline: ET.Element) -> list[tuple[float, float]]:
+    return [tuple(map(float, p.split(","))) for p in polyline.get("points", "").split()]  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("accept, html", [
@@ -19,16 +67,116 @@ def test_html_only_when_preferred(accept, html) -> None:
     assert prefers_html(accept) is html
 
 
-def test_page_has_guarantee_table_and_plot_with_epsilon_line() -> None:
-    def level(s, risk, p, rejected, evaluated=True):
-        return {"sparsity": s, "empirical_risk": risk, "p_value": p, "rejected": rejected, "evaluated": evaluated}
+def test_plot_draws_risk_and_upper_bound_per_criterion_with_epsilon_and_lambda_hat() -> None:
+    svg = svg_of(render_report("job_1", make_result()))
+    risk = svg.findall(f".//{SVG}polyline[@class='risk']")
+    ucb = svg.findall(f".//{SVG}polyline[@class='ucb']")
+    assert [p.get("data-criterion") for p in risk] == ["magnitude", "obd"]
+    assert [p.get("data-criterion") for p in ucb] == ["magnitude", "obd"]
+    assert all(len(points(p)) == 3 for p in risk + ucb)  # the unevaluated level is left out
+    assert len(svg.findall(f".//{SVG}circle")) >= 6
 
-    result = {"certified_sparsity": 0.2, "certified": True, "epsilon": 0.05, "delta": 0.1,
-              "guarantee": "With probability at least 0.9 <b>x</b>.",
-              "levels": [level(0.1, 0.0, 0.01, True), level(0.2, 0.02, 0.05, True), level(0.3, 0.2, 0.9, False),
-                         level(0.4, None, None, False, evaluated=False)]}
-    page = render_report("job_1", result)
-    assert "With probability at least 0.9 &lt;b&gt;x&lt;/b&gt;." in page  # escaped
-    assert "<svg" in page and "ε = 0.05" in page
-    assert page.count("<circle") == 3  # only evaluated levels are plotted
-    assert page.count("<tr") >= 5
+    (eps,) = svg.findall(f".//{SVG}line[@class='epsilon']")
+    (lam,) = svg.findall(f".//{SVG}line[@class='lambda-hat']")
+    # Geometry: magnitude's risk at 0.3 equals ε, so that point lies on the ε line; λ̂ sits at x(0.2).
+    magnitude = points(risk[0])
+    assert magnitude[2][1] == pytest.approx(float(eps.get("y1")), abs=0.06)
+    assert float(lam.get("x1")) == pytest.approx(magnitude[1][0], abs=0.06)
+    # The upper bound lies on or above the risk (smaller y in SVG coordinates) at every level.
+    assert all(u[1] <= r[1] + 1e-6 for u, r in zip(points(ucb[0]), magnitude))
+    text = ET.tostring(svg, encoding="unicode")
+    assert "ε = 0.05" in text and "λ̂ = 20.00%" in text and "upper bound" in text
+
+
+def test_upper_bounds_near_one_do_not_flatten_the_region_around_epsilon() -> None:
+    lv = [level(0.1, 0.01, 0.03, True), level(0.2, 0.03, 0.045, True), level(0.3, 0.2, 1.0, False)]
+    result = make_result(levels=lv, criteria=None, certified_sparsity=0.2)
+    _, _, _, y_hi, cut = plot_ranges(result)
+    assert 0.2 <= y_hi < 0.5 and cut  # shows the failing level's risk, cuts the bound of 1.0
+    assert "cut off" in risk_plot_svg(result)
+
+
+def test_page_states_the_guarantee_numbers_layers_and_download() -> None:
+    page = render_report("job_1", make_result(), model_bytes=30000)
+    assert "With probability at least 0.9 the risk is at most 0.05." in page
+    assert "In plain words" in page and "5 percentage points" in page and "90% sure" in page
+    assert "95.00%" in page and "93.12%" in page  # dense and pruned accuracy
+    assert "1,000" in page and "1,010" in page and "20.0 KB" in page and "29.3 KB" in page
+    assert page.count("<tr") >= 2 + 2 + 4  # layers, criteria, levels
+    assert 'href="/v1/jobs/job_1/artifact"' in page and 'download="job_1-pruned.pt"' in page
+    assert "obd" in page and "magnitude (used)" in page
+
+
+def test_everything_from_the_job_is_escaped() -> None:
+    result = make_result(
+        guarantee=f"fine {HOSTILE}", criterion=HOSTILE,
+        layers=[{"name": f"{HOSTILE}.weight", "type": "</td><script>alert(2)</script>", "parameters": 1,
+                 "zeroed": 0, "sparsity": 0.0}],
+    )
+    result["criteria"][0]["criterion"] = HOSTILE
+    page = render_report('job_"><script>alert(3)</script>', result)
+    assert "<script" not in page.lower() and "<img" not in page.lower()
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.weight" in page
+    assert "&lt;/td&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert "/v1/jobs/job_%22%3E%3Cscript%3Ealert%283%29%3C%2Fscript%3E/artifact" in page  # URL-quoted id
+    svg_of(page)  # still well-formed
+
+
+def test_report_runs_no_scripts_under_a_strict_policy() -> None:
+    page = render_report("job_1", make_result())
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
+    assert csp and "default-src &#x27;none&#x27;" in csp.group(1)
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_nothing_certified_says_so_without_a_lambda_line() -> None:
+    lv = [level(0.1, 0.2, 0.3, False), level(0.2, None, None, False, evaluated=False)]
+    page = render_report("job_1", make_result(certified=False, certified_sparsity=0.0, levels=lv, criteria=None))
+    assert "Nothing certified" in page and "original" in page
+    svg = svg_of(page)
+    assert svg.findall(f".//{SVG}line[@class='lambda-hat']") == []
+    assert len(svg.findall(f".//{SVG}line[@class='epsilon']")) == 1
+
+
+def test_older_or_sparse_results_still_render() -> None:
+    minimal = {"certified_sparsity": 0.1, "certified": True, "epsilon": 0.05, "delta": 0.1, "guarantee": "g",
+               "levels": [{"sparsity": 0.1, "empirical_risk": 0.01, "p_value": 0.01, "rejected": True}]}
+    page = render_report("job_1", minimal)
+    svg = svg_of(page)
+    assert len(svg.findall(f".//{SVG}polyline[@class='risk']")) == 1
+    assert svg.findall(f".//{SVG}polyline[@class='ucb']") == []  # no upper bounds recorded
+    assert "— (no labels)" in page
+
+
+# -- the pages router -----------------------------------------------------------------------
+
+@pytest.fixture
+def get(tmp_path: Path):
+    """GET through the real app in-process (no lifespan, so no executor starts)."""
+    import asyncio
+
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(data_dir=str(tmp_path / "data")))
+
+    async def fetch(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            return await c.get(path, headers={"Accept": "text/html"})
+
+    return lambda path: asyncio.run(fetch(path))
+
+
+@pytest.mark.parametrize("path", ["/?key=s3cret-key-value", "/jobs/job_0123?key=s3cret-key-value"])
+def test_pages_admit_only_their_own_script_and_never_echo_the_query(get, path: str) -> None:
+    r = get(path)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "s3cret" not in r.text and "job_0123" not in r.text  # static: nothing from the request
+    (script,) = re.findall(r"<script>(.*?)</script>", r.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = r.headers["content-security-policy"]
+    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY"
+    assert "innerHTML" not in script and "document.write" not in script  # data goes in as text only
