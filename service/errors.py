@@ -47,6 +47,25 @@ class ApiError(StarletteHTTPException):
         return str(self.detail)
 
 
+def reject_unknown_query_parameters(request: Request) -> None:
+    """API routes refuse query parameters they do not declare: a typo (``?limt=5``) must not pass silently."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    stack = [dependant]
+    while stack:  # the route's own query parameters and those of its dependencies
+        d = stack.pop()
+        known.update(p.alias for p in d.query_params)
+        stack.extend(d.dependencies)
+    unknown = sorted(set(request.query_params.keys()) - known)
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise ApiError(422, "unknown_query_parameter",
+                       f"Unknown query parameter(s) {', '.join(map(repr, unknown))}. Valid here: {valid}.")
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import OwnerDep, SettingsDep, StorageDep, StoreDep
-from ..errors import ApiError
+from ..errors import ApiError, reject_unknown_query_parameters
 from ..intake import check_data, data_extension, peek, save_stream
 from ..schemas import DatasetPublic, ErrorBody
 from ..storage import Storage
 from ..store import new_dataset_id
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"],
+                   dependencies=[Depends(reject_unknown_query_parameters)])
 
 ERRORS = {401: {"model": ErrorBody, "description": "No valid API key."},
           413: {"model": ErrorBody, "description": "The upload is larger than the server accepts."},

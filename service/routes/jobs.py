@@ -13,13 +13,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ExecutorDep, MetricsDep, OwnerDep, SettingsDep, StorageDep, StoreDep
-from ..errors import ApiError
+from ..errors import ApiError, reject_unknown_query_parameters
 from ..intake import (
     DataSummary,
     check_data,
@@ -40,7 +40,8 @@ from ..schemas import ErrorBody, JobPublic, JobsPublic, JobStatus
 from ..storage import Storage, job_dir
 from ..store import SUCCEEDED, Job, JobStore, new_job_id
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"],
+                   dependencies=[Depends(reject_unknown_query_parameters)])
 
 AUTH = {401: {"model": ErrorBody, "description": "No valid API key."}}
 NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job for this API key."}}

@@ -78,6 +78,13 @@ def test_bad_query_parameter_is_422_validation_error(a: httpx.Client) -> None:
     assert "limit" in err["message"]
 
 
+def test_unknown_query_parameter_is_422_naming_it(a: httpx.Client) -> None:
+    err = assert_error(a.get("/v1/jobs", params={"limt": 5}), 422, "unknown_query_parameter")
+    assert "'limt'" in err["message"] and "limit" in err["message"]
+    assert_error(a.get("/v1/jobs/job_x", params={"": "null"}), 422, "unknown_query_parameter")
+    assert a.get("/v1/jobs", params={"limit": 1, "offset": 0}).status_code == 200
+
+
 # -- auth -----------------------------------------------------------------------------------
 
 def test_missing_or_wrong_key_is_401(server: Server, inputs: Inputs) -> None:
