@@ -113,6 +113,13 @@ class Storage:
     def exists(self, relpath: str) -> bool:
         return bool(self.fs.exists(self.full(relpath)))
 
+    def size(self, relpath: str) -> int | None:
+        """Bytes of a stored file, or None when it is gone."""
+        try:
+            return int(self.fs.size(self.full(relpath)))
+        except (FileNotFoundError, OSError):
+            return None
+
     def write_stream(self, src: BinaryIO, relpath: str, *, limit: int | None = None) -> StoredFile:
         """Copy ``src`` to ``relpath`` atomically, hashing on the way; UploadTooLarge past ``limit`` bytes."""
         target = self.full(relpath)

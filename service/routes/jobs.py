@@ -321,12 +321,13 @@ def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: Storage
                                           409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},
                                           **INVALID})
 def get_report(
-    job_id: str, owner: OwnerDep, store: StoreDep, accept: Annotated[str | None, Header()] = None
+    job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep,
+    accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The certificate as JSON, or as an HTML page with the risk-vs-sparsity plot when the client prefers HTML."""
     job = _get_or_404(store, job_id, owner)
     _require_succeeded(job, "report")
     result = job.result or {}
     if prefers_html(accept):
-        return HTMLResponse(render_report(job_id, result))
+        return HTMLResponse(render_report(job_id, result, model_bytes=storage.size(job.model_path)))
     return JSONResponse(result)

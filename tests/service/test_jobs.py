@@ -96,6 +96,7 @@ def test_job_succeeds_and_the_artifact_matches_the_certificate(client: httpx.Cli
     page = client.get(f"/v1/jobs/{job['id']}/report", headers={"Accept": "text/html,*/*;q=0.8"})
     assert page.headers["content-type"].startswith("text/html")
     assert result["guarantee"].split(",")[0] in page.text and "<svg" in page.text
+    assert "uploaded model file" in page.text  # file sizes: the upload's and the artifact's
     assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_already_finished")
 
 
