@@ -59,6 +59,24 @@ def oracle(pool_risk: np.ndarray, grid: np.ndarray, eps: float) -> float:
     return float(grid[run - 1]) if run > 0 else 0.0
 
 
+def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, eps, delta):
+    """Median certified sparsity and violation frequency over the D_cal draws (fixed grid, LTT)."""
+    proc = get_procedure(proc_name)
+    certified, violations = [], 0
+    for idx in draws:
+        pv = np.full(len(grid), np.nan)
+        pv[0] = 0.0  # level 0 is the dense model: risk 0 by definition
+        for j in range(1, len(grid)):
+            pv[j] = p_value(bound, risk, losses_pool[j, idx], eps)
+            if proc.stops_early and pv[j] > delta:
+                break
+        sel = proc.select(proc.rejected(pv, delta), grid)
+        j = sel if sel is not None else 0
+        violations += pool_risk[j] > eps
+        certified.append(float(grid[j]))
+    return float(np.median(certified)), violations / len(draws)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=50)
@@ -93,22 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         orc = oracle(pool_risk, grid, args.epsilon)
         for bound in args.bounds.split(","):
             for proc_name in ("fixed_sequence", "bonferroni"):
-                proc = get_procedure(proc_name)
-                certified, violations = [], 0
-                for idx in draws:
-                    pv = np.full(len(grid), np.nan)
-                    pv[0] = 0.0  # λ = 0 is the dense model: risk 0 by definition
-                    for j in range(1, len(grid)):
-                        pv[j] = p_value(bound, args.risk, losses_pool[j, idx], args.epsilon)
-                        if proc.stops_early and pv[j] > args.delta:
-                            break
-                    sel = proc.select(proc.rejected(pv, args.delta), grid)
-                    lam = float(grid[sel]) if sel is not None else 0.0
-                    j = int(round(lam * 100))
-                    violations += pool_risk[j] > args.epsilon
-                    certified.append(lam)
-                med = float(np.median(certified))
-                freq = violations / len(draws)
+                med, freq = certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, args.risk,
+                                          args.epsilon, args.delta)
                 rows.append((criterion, bound, proc_name, med, orc, med / orc if orc else float("nan"), freq))
                 if med > best_valid[0] and freq <= args.delta + 3 * np.sqrt(args.delta * (1 - args.delta) / len(draws)):
                     best_valid = (med, f"{criterion}/{bound}/{proc_name}")

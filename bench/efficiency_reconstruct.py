@@ -27,16 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficiency import oracle
+from efficiency import certify_draws, oracle
 from make_digits_example import digits_split, train_mlp
 
 from calibration.criteria import ScoreContext, get_criterion
 from calibration.engine import predict
 from calibration.masks import NestedMasks, apply_masks, restore
 from calibration.model import find_prunable
-from calibration.p_values import p_value
 from calibration.patterns import PatternMasks
-from calibration.procedures import get_procedure
 from calibration.reconstruct import Reconstructor
 from calibration.risks import per_sample_losses
 
@@ -64,24 +62,6 @@ def level_predictions(module, x_pool, x_tune, y_tune, criterion, grid, *, patter
         preds.append(predict(module, x_pool, 1024).numpy())
     restore(params, originals)
     return grid, np.stack(preds)
-
-
-def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, eps, delta):
-    """Median certified sparsity and violation frequency over the D_cal draws (fixed grid, LTT)."""
-    proc = get_procedure(proc_name)
-    certified, violations = [], 0
-    for idx in draws:
-        pv = np.full(len(grid), np.nan)
-        pv[0] = 0.0  # level 0 is the dense model: risk 0 by definition
-        for j in range(1, len(grid)):
-            pv[j] = p_value(bound, risk, losses_pool[j, idx], eps)
-            if proc.stops_early and pv[j] > delta:
-                break
-        sel = proc.select(proc.rejected(pv, delta), grid)
-        j = sel if sel is not None else 0
-        violations += pool_risk[j] > eps
-        certified.append(float(grid[j]))
-    return float(np.median(certified)), violations / len(draws)
 
 
 def main(argv: list[str] | None = None) -> None:
