@@ -234,14 +234,16 @@ def certify(
     bound = resolve_bound(cfg.bound, risk)
     procedure = get_procedure(cfg.procedure)
     # Gather each split on the host, then move it: the device never holds a second full copy.
-    x_cal = torch.from_numpy(data.x[split.cal]).to(device)
+    x_cal_host = torch.from_numpy(data.x[split.cal])
     x_tune = torch.from_numpy(data.x[split.tune]).to(device)
     run.timings["load_s"] = time.perf_counter() - t0
 
     with evaluation_precision(cfg.precision, device), \
             Predictor(module, cfg.batch_size, device=device, precision=cfg.precision) as predictor:
-        # D_cal stays resident in the evaluation precision (bf16/fp16 halve it; fp32 unchanged).
-        x_cal = predictor.resident(x_cal)
+        # D_cal stays resident in the evaluation precision (bf16/fp16 halve it; fp32 unchanged),
+        # converted on the host so the device never holds its fp32 copy.
+        x_cal = predictor.resident(x_cal_host).to(device)
+        del x_cal_host
         # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
         t = time.perf_counter()
         run.report("dense", 0, 1, "dense predictions")
