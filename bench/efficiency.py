@@ -29,27 +29,37 @@ from calibration.criteria import ScoreContext, get_criterion  # noqa: E402
 from calibration.engine import predict  # noqa: E402
 from calibration.masks import NestedMasks, apply_masks, restore  # noqa: E402
 from calibration.model import find_prunable  # noqa: E402
+from calibration.patterns import PatternMasks  # noqa: E402
 from calibration.p_values import p_value  # noqa: E402
 from calibration.procedures import get_procedure  # noqa: E402
+from calibration.reconstruct import Reconstructor  # noqa: E402
 from calibration.risks import per_sample_losses  # noqa: E402
 from make_digits_example import digits_split, train_mlp  # noqa: E402
 
 
-def pool_predictions(module, x_pool, y_tune, x_tune, criterion, grid, seed=0):
-    """(n_levels, n_pool) predictions of the model pruned by ``criterion`` at each level."""
+def level_predictions(module, x_pool, x_tune, y_tune, criterion, grid, *, pattern=None, reconstruct=False, seed=0):
+    """(grid, (n_levels, n_pool) predictions): masks from ``criterion``, optionally reconstructed on D_tune."""
     weights = find_prunable(module)
     params = [w.param for w in weights]
     originals = [p.detach().clone() for p in params]
     ctx = ScoreContext(module=module, weights=weights, tune_x=x_tune, tune_y=y_tune, batch_size=256, seed=seed)
     scores = get_criterion(criterion)(ctx)
     restore(params, originals)
-    masks = NestedMasks.from_scores(scores, "global")
+    if pattern:
+        masks = PatternMasks.from_scores(scores, "global", [w.module_type for w in weights])
+        grid = np.asarray(masks.sparsities)
+    else:
+        masks = NestedMasks.from_scores(scores, "global")
+    rec = Reconstructor.from_tune(module, weights, x_tune, 256) if reconstruct else None
     preds = []
     for s in grid:
-        apply_masks(params, originals, masks.keep_masks(float(s)))
+        keep = masks.keep_masks(float(s))
+        apply_masks(params, originals, keep)
+        if rec is not None:
+            rec.apply(params, originals, keep)
         preds.append(predict(module, x_pool, 1024).numpy())
     restore(params, originals)
-    return np.stack(preds)
+    return grid, np.stack(preds)
 
 
 def oracle(pool_risk: np.ndarray, grid: np.ndarray, eps: float) -> float:
@@ -77,6 +87,17 @@ def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, e
     return float(np.median(certified)), violations / len(draws)
 
 
+def digits_case():
+    """The scripted digits MLP, pool inputs, D_tune (the training set) and the dense pool predictions."""
+    torch.manual_seed(0)
+    x_train, y_train, x_pool, y_pool = digits_split()
+    model = torch.jit.script(train_mlp(x_train, y_train))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xp, xt, yt = torch.from_numpy(x_pool), torch.from_numpy(x_train), torch.from_numpy(y_train)
+    return model, xp, xt, yt, y_pool, predict(model, xp, 1024).numpy()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=50)
@@ -87,15 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bounds", default="binomial,hb,wsr")
     ap.add_argument("--risk", default="accuracy_drop")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    x_train, y_train, x_pool, y_pool = digits_split()
     t0 = time.perf_counter()
-    model = torch.jit.script(train_mlp(x_train, y_train))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, xp, xt, yt, y_pool, dense = digits_case()
     grid = np.round(np.arange(0, 1.0, 0.01), 2)
-    xp, xt, yt = torch.from_numpy(x_pool), torch.from_numpy(x_train), torch.from_numpy(y_train)
-    dense = predict(model, xp, 1024).numpy()
     print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
           f"pool n={len(y_pool)}, n_cal={args.n_cal}, ε={args.epsilon}, δ={args.delta}, draws={args.draws}, "
           f"risk={args.risk}")
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     best_valid = (0.0, "")
     for criterion in args.criteria.split(","):
         t = time.perf_counter()
-        preds = pool_predictions(model, xp, yt, xt, criterion, grid)
+        grid, preds = level_predictions(model, xp, xt, yt, criterion, grid)
         losses_pool = np.stack([per_sample_losses(args.risk, p, dense, y_pool) for p in preds])
         pool_risk = losses_pool.mean(axis=1)
         orc = oracle(pool_risk, grid, args.epsilon)

@@ -21,47 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficiency import certify_draws, oracle
-from make_digits_example import digits_split, train_mlp
+from efficiency import certify_draws, digits_case, level_predictions, oracle
 
-from calibration.criteria import ScoreContext, get_criterion
-from calibration.engine import predict
-from calibration.masks import NestedMasks, apply_masks, restore
-from calibration.model import find_prunable
-from calibration.patterns import PatternMasks
-from calibration.reconstruct import Reconstructor
 from calibration.risks import per_sample_losses
-
-
-def level_predictions(module, x_pool, x_tune, y_tune, criterion, grid, *, pattern, reconstruct, seed=0):
-    """(grid, (n_levels, n_pool) predictions): masks from ``criterion``, optionally reconstructed on D_tune."""
-    weights = find_prunable(module)
-    params = [w.param for w in weights]
-    originals = [p.detach().clone() for p in params]
-    ctx = ScoreContext(module=module, weights=weights, tune_x=x_tune, tune_y=y_tune, batch_size=256, seed=seed)
-    scores = get_criterion(criterion)(ctx)
-    restore(params, originals)
-    if pattern:
-        masks = PatternMasks.from_scores(scores, "global", [w.module_type for w in weights])
-        grid = np.asarray(masks.sparsities)
-    else:
-        masks = NestedMasks.from_scores(scores, "global")
-    rec = Reconstructor.from_tune(module, weights, x_tune, 256) if reconstruct else None
-    preds = []
-    for s in grid:
-        keep = masks.keep_masks(float(s))
-        apply_masks(params, originals, keep)
-        if rec is not None:
-            rec.apply(params, originals, keep)
-        preds.append(predict(module, x_pool, 1024).numpy())
-    restore(params, originals)
-    return grid, np.stack(preds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,16 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--procedures", default="fixed_sequence")
     ap.add_argument("--risk", default="accuracy_drop")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    x_train, y_train, x_pool, y_pool = digits_split()
     t0 = time.perf_counter()
-    model = torch.jit.script(train_mlp(x_train, y_train))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    xp, xt, yt = torch.from_numpy(x_pool), torch.from_numpy(x_train), torch.from_numpy(y_train)
-    dense = predict(model, xp, 1024).numpy()
+    model, xp, xt, yt, y_pool, dense = digits_case()
     print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
-          f"pool n={len(y_pool)}, n_cal={args.n_cal}, n_tune={len(y_train)} (training set), ε={args.epsilon}, "
+          f"pool n={len(y_pool)}, n_cal={args.n_cal}, n_tune={len(yt)} (training set), ε={args.epsilon}, "
           f"δ={args.delta}, draws={args.draws}, risk={args.risk}")
     rng = np.random.default_rng(12345)
     draws = [rng.integers(0, len(y_pool), args.n_cal) for _ in range(args.draws)]

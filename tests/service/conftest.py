@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_harness import Inputs, Server
+import httpx
+from service_harness import KEY_A, KEY_B, Inputs, Server
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +73,16 @@ def worker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from service_harness import module_server
 
     yield from module_server(tmp_path_factory, cancel_grace_s=2, max_attempts=2)
+
+
+# Clients of the two tenants, for modules that define a ``server`` fixture with both keys.
+@pytest.fixture
+def a(server: Server) -> Iterator[httpx.Client]:
+    with server.client(KEY_A) as c:
+        yield c
+
+
+@pytest.fixture
+def b(server: Server) -> Iterator[httpx.Client]:
+    with server.client(KEY_B) as c:
+        yield c

@@ -38,6 +38,34 @@ SLOW_CONFIG = {"full_curve": True, "epsilon": 0.05, "batch_size": 2048}
 FAST_CONFIG = {"sparsities": [round(0.1 * i, 1) for i in range(1, 10)], "epsilon": 0.05}
 
 
+def pid_gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once process ``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, log: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not come up in {timeout} s:\n{log()}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,17 +95,8 @@ class Server:
              "--data-dir", str(self.data_dir), "--log-level", "warning"],
             cwd=REPO, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not come up in {timeout} s:\n{self.log()}")
+        wait_until_up(self.proc, f"{self.url}/healthz", timeout, self.log)
+        return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.proc is None:

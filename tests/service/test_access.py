@@ -40,18 +40,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     yield from module_server(tmp_path_factory, api_keys=f"{KEY_A},{KEY_B}")
 
 
-@pytest.fixture
-def a(server: Server) -> Iterator[httpx.Client]:
-    with server.client(KEY_A) as c:
-        yield c
-
-
-@pytest.fixture
-def b(server: Server) -> Iterator[httpx.Client]:
-    with server.client(KEY_B) as c:
-        yield c
-
-
 def rows(server: Server) -> int:
     with sqlite3.connect(server.data_dir / "certiprune.db") as db:
         return int(db.execute("SELECT count(*) FROM jobs").fetchone()[0])

@@ -39,18 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, dataset_root: Path) -> Iter
                              max_upload_bytes=UPLOAD_LIMIT, allowed_dataset_roots=str(dataset_root))
 
 
-@pytest.fixture
-def a(server: Server) -> Iterator[httpx.Client]:
-    with server.client(KEY_A) as c:
-        yield c
-
-
-@pytest.fixture
-def b(server: Server) -> Iterator[httpx.Client]:
-    with server.client(KEY_B) as c:
-        yield c
-
-
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import FAST_CONFIG, SLOW_CONFIG, Inputs, Server, submit, wait_for, wait_terminal
+from service_harness import pid_gone, FAST_CONFIG, SLOW_CONFIG, Inputs, Server, submit, wait_for, wait_terminal
 
 from service.store import Job, JobStore
 
@@ -69,16 +69,6 @@ def wait_placement(server: Server, job_id: str, exclude_pid: int | None = None, 
     raise AssertionError(f"job {job_id} never got busy on a Ray worker; last: {stored_job(server, job_id)}")
 
 
-def pid_gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
-                return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_jobs_run_as_ray_tasks_and_artifacts_download(ray_server, inputs: Inputs) -> None:

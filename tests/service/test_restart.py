@@ -7,11 +7,11 @@ is left 'running', and no orphaned worker keeps computing after its server died.
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from service_harness import (
+    pid_gone,
     FAST_CONFIG,
     SLOW_CONFIG,
     Inputs,
@@ -25,16 +25,6 @@ from service.store import JobStore
 pytestmark = pytest.mark.timeout(240)
 
 
-def pid_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
-                return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_kill_and_restart_loses_nothing_and_leaves_nothing_running(make_server, inputs: Inputs,

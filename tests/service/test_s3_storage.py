@@ -11,16 +11,14 @@ import io
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from service_harness import FAST_CONFIG, REPO, Inputs, Server, assert_error, submit, wait_terminal
+from service_harness import FAST_CONFIG, REPO, Inputs, Server, assert_error, submit, wait_terminal, wait_until_up
 
 from service.storage import Storage, UploadTooLarge, storage_options
 
@@ -141,17 +139,8 @@ class S3Server(Server):
             cwd=REPO, env={**inherited, "PYTHONUNBUFFERED": "1", **self.env},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not come up in {timeout} s:\n{self.log()}")
+        wait_until_up(self.proc, f"{self.url}/readyz", timeout, self.log)
+        return self
 
 
 @pytest.fixture
