@@ -132,6 +132,14 @@ class Server:
                 workers.append(pid)
         return workers
 
+    def workers_left(self, timeout: float = 20.0) -> list[int]:
+        """Worker pids still alive after ``timeout`` s: a worker records its terminal status before it has
+        finished exiting and being reaped, so "none left" is only meaningful after a grace period."""
+        deadline = time.monotonic() + timeout
+        while (pids := self.worker_pids()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return pids
+
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)

@@ -293,4 +293,4 @@ def test_memory_hogs_endless_loops_and_a_full_disk_fail_their_job_clearly(
         # The same limits let an ordinary job through.
         assert wait_terminal(c, ok, timeout=120)["status"] == "succeeded"
         assert c.get("/healthz").status_code == 200
-    assert server.worker_pids() == []
+    assert server.workers_left() == []

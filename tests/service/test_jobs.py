@@ -172,4 +172,4 @@ def test_a_job_over_the_time_limit_is_killed_and_failed(make_server, inputs: Inp
         job_id = submit(c, inputs.big_model, data=inputs.big_data, config=SLOW_CONFIG).json()["id"]
         job = wait_terminal(c, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "job_timeout"
-    assert server.worker_pids() == []
+    assert server.workers_left() == []
