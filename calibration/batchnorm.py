@@ -12,6 +12,8 @@ A traced graph bakes ``training=False`` in: then re-estimation is impossible and
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from .model import batchnorm_modules
@@ -37,8 +39,15 @@ def load_snapshot(module: torch.nn.Module, snap: list[tuple[torch.Tensor, ...]])
 
 
 @torch.no_grad()
-def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int) -> bool:
-    """Re-estimate BN statistics on ``x_tune`` (n_tune, *input_shape). False if the graph ignores train mode."""
+def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int,
+               forward: Callable[[torch.Tensor], Any] | None = None) -> bool:
+    """Re-estimate BN statistics on ``x_tune`` (n_tune, *input_shape). False if the graph ignores train mode.
+
+    ``forward(xb)`` runs the module on one batch (default ``module(xb)``): the engine passes the
+    predictor's forward so the statistics come from the precision and memory layout that the
+    levels are evaluated in (and cost one batch of activations in that precision, not fp32).
+    """
+    forward = module if forward is None else forward
     bns = batchnorm_modules(module)
     if not bns or x_tune.shape[0] == 0:
         return False
@@ -57,7 +66,7 @@ def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int) -
                 bn.running_mean.zero_()
                 bn.running_var.zero_()
                 bn.num_batches_tracked.zero_()
-            module(xb)
+            forward(xb)
             for i, bn in enumerate(bns):
                 m = _momentum(bn)
                 factor = 1.0 if m is None else 1.0 / m

@@ -299,6 +299,11 @@ def certify(
         per_criterion: list[dict[str, Any]] = []
         bn_status = "no_batchnorm" if not has_bn else ("on" if use_bn else "off")
         evaluated_levels = 0
+        # What each evaluated level looked like when it was tested: its re-estimated BN statistics and
+        # its accuracy on D_cal. The artifact gets exactly the tested statistics (a second re-estimation
+        # could round differently on a GPU) and no extra pass is needed for its accuracy.
+        tested_bn: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
+        tested_accuracy: dict[tuple[str, int], float] = {}
         for ci, name in enumerate(cfg.criterion):
             masks = masks_by_criterion[name]
             grid = grids[name]
@@ -321,11 +326,15 @@ def certify(
                     if reconstructor is not None:
                         reconstructor.apply(params, originals, keep)
                     if use_bn:
-                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size)
-                        if not ok:
+                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, predictor.forward)
+                        if ok:
+                            tested_bn[(name, j)] = batchnorm.snapshot(module)
+                        else:
                             use_bn, bn_status = False, "unavailable_traced_graph"
                             batchnorm.load_snapshot(module, bn_dense)
                     pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
+                    if y_cal is not None:
+                        tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
                     losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
                     p = float(p_value(bound, risk, losses, cfg.epsilon))
                     risk_hat = float(empirical_risk(losses))
@@ -355,15 +364,15 @@ def certify(
         zeroed_per_layer = masks.zeroed_per_layer(certified_sparsity)
         pruned_accuracy = dense_accuracy
         if certified:
+            chosen_level = (best["criterion"], grids[best["criterion"]].index(certified_sparsity))
             keep = masks.keep_masks(certified_sparsity)
             apply_masks(params, originals, keep)
             if reconstructor is not None:  # a pure function of (weights, mask, H): the weights that were tested
                 reconstructor.apply(params, originals, keep)
-            if use_bn:
-                batchnorm.reestimate(module, x_tune, cfg.batch_size)
-            if y_cal is not None:
-                final = predictor.predict(x_cal, should_stop).cpu().numpy()
-                pruned_accuracy = float(np.mean(final == y_cal))
+            if chosen_level in tested_bn:
+                batchnorm.load_snapshot(module, tested_bn[chosen_level])
+            pruned_accuracy = tested_accuracy.get(chosen_level, pruned_accuracy)
+        del tested_bn
 
     layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
                "sparsity": z / w.numel} for w, z in zip(weights, zeroed_per_layer)]

@@ -202,6 +202,13 @@ class Predictor:
         with self._autocast():
             return self.module(xb)
 
+    @torch.no_grad()
+    def forward(self, xb: torch.Tensor) -> Any:
+        """One eager forward of the module as it is now (training mode included) in the evaluation
+        precision and memory layout: for passes that must not replay the graph, such as BN
+        re-estimation, which runs in train mode and updates buffers."""
+        return self._forward(self._format(xb))
+
     def _eager(self, xb: torch.Tensor, on_error: ErrorFn | None) -> torch.Tensor:
         self.eager_batches += 1
         try:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from calibration import certify
+from calibration.data import split_tune_cal
 from calibration.model import find_prunable
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,6 +75,17 @@ def test_scripted_cnn_with_batchnorm_reestimates_and_masks_weights(files, digits
     for name, p in pruned.named_parameters():
         if name not in pw:
             torch.testing.assert_close(p, orig_params[name], rtol=0, atol=0)
+    # The artifact is the model that was tested: its BN statistics are those of the certified level,
+    # so its accuracy on D_cal is the reported one and reproduces the level's empirical risk.
+    assert any(not torch.equal(a, b) for a, b in zip(pruned.buffers(), original.buffers()))
+    data = np.load(files["data_img"])
+    split = split_tune_cal(len(data["y"]), 0.25, 1)
+    assert split.cal.size == r["n_calibration"]
+    with torch.no_grad():
+        pred = pruned(torch.from_numpy(data["x"][split.cal])).argmax(1).numpy()
+    assert float(np.mean(pred == data["y"][split.cal])) == r["pruned_accuracy"]
+    level = next(lv for lv in r["levels"] if lv["sparsity"] == r["certified_sparsity"])
+    assert r["dense_accuracy"] - r["pruned_accuracy"] == pytest.approx(level["empirical_risk"], abs=1e-12)
 
 
 def test_batchnorm_reestimation_rescues_pruned_cnn(files, digits):

@@ -208,3 +208,26 @@ def test_gpu_speed_quick_runs_on_cpu(tmp_path: Path) -> None:
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("ratio_vs_naive=") and np.isfinite(float(last.split("=")[1])), last
     assert (tmp_path / "gpu_speed.json").is_file()
+
+
+@cuda
+def test_cuda_bf16_certify_reestimates_bn_through_the_predictor_and_ships_the_tested_model(files, tmp_path) -> None:
+    """BN re-estimation runs in the evaluation precision and layout; the artifact, evaluated the same way,
+    reproduces the reported accuracy (up to cuDNN re-picking an algorithm in another process)."""
+    from calibration import certify
+    from calibration.data import split_tune_cal
+
+    out = tmp_path / "pruned.pt"
+    r = certify(files["cnn"], files["data_img"], {"device": "cuda", "precision": "bf16", "epsilon": 0.05,
+                                                   "batch_size": 64, "seed": 2,
+                                                   "sparsities": [0.0, 0.2, 0.4, 0.6, 0.8]}, out=out).result
+    assert r["device"] == "cuda" and r["bn_recalibration"] == "on" and r["certified"], r
+    ev = r["evaluator"]
+    data = np.load(files["data_img"])
+    split = split_tune_cal(len(data["y"]), 0.25, 2)
+    module = torch.jit.load(str(out), map_location="cuda").eval()
+    x = torch.from_numpy(data["x"][split.cal]).cuda()
+    with evaluation_precision("bf16", torch.device("cuda")), \
+            Predictor(module, 64, device="cuda", precision="bf16", channels_last=ev["channels_last"]) as pred:
+        accuracy = float(np.mean(pred.predict(pred.resident(x)).cpu().numpy() == data["y"][split.cal]))
+    assert accuracy == pytest.approx(r["pruned_accuracy"], abs=2 / r["n_calibration"])
