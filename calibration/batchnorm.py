@@ -7,7 +7,11 @@ layer's statistics are the batch-size-weighted average of per-batch statistics.
 
 TorchScript constants (``momentum``) cannot be changed, so per batch we zero the running buffers,
 run the batch in train mode, and read the batch statistics back as running / momentum.
-A traced graph bakes ``training=False`` in: then re-estimation is impossible and we say so.
+
+A scripted graph reads ``self.training``, so ``bn.train()`` is enough. A traced graph bakes
+``training=False`` into every ``aten::batch_norm`` call: :func:`train_mode_forward` copies the
+forward graph, turns those constants to ``True`` and runs the copy on the live module (its own
+graph, and so the artifact, is untouched). Only when even that is impossible do we say so.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import batchnorm_modules
+from .model import batchnorm_modules, quiet_torchscript_warnings
 
 
 def _momentum(bn: torch.nn.Module) -> float | None:
@@ -38,14 +42,45 @@ def load_snapshot(module: torch.nn.Module, snap: list[tuple[torch.Tensor, ...]])
         bn.num_batches_tracked.copy_(count)
 
 
+def train_mode_forward(module: torch.nn.Module) -> Callable[[torch.Tensor], Any] | None:
+    """A forward of ``module`` whose BatchNorm calls use batch statistics and update the running buffers.
+
+    None when the module itself does that in train mode (scripted graphs, eager modules) or when its
+    graph cannot be copied; otherwise (traced graphs) a function over a copy of the inlined graph
+    with every constant ``training=False`` of ``aten::batch_norm`` turned to ``True`` and its
+    momentum to 1 (pass ``momentum=1.0`` to :func:`reestimate`). It reads the live parameters and
+    buffers of ``module``, like ``module(x)``.
+    """
+    try:
+        graph = module._c._get_method("forward").graph.copy()  # type: ignore[union-attr]
+        torch._C._jit_pass_inline(graph)
+        baked = [n for n in graph.findAllNodes("aten::batch_norm")
+                 if (flag := list(n.inputs())[5]).node().kind() == "prim::Constant" and flag.toIValue() is False]
+        if not baked:
+            return None
+        for node in baked:
+            # training=True, and momentum=1 so each batch's statistics replace the buffers outright
+            # (the traced momentum is a constant, 0 where the module's momentum is None).
+            for index, value in ((5, True), (6, 1.0)):
+                constant = graph.insertConstant(value)
+                constant.node().moveBefore(node)
+                node.replaceInput(index, constant)
+        with quiet_torchscript_warnings():
+            fn = torch._C._create_function_from_graph("certiprune_bn_train", graph)
+    except Exception:  # not a ScriptModule, or a graph torch will not copy: the module as it is
+        return None
+    return lambda x: fn(module._c, x)  # type: ignore[union-attr]
+
+
 @torch.no_grad()
 def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int,
-               forward: Callable[[torch.Tensor], Any] | None = None) -> bool:
+               forward: Callable[[torch.Tensor], Any] | None = None, momentum: float | None = None) -> bool:
     """Re-estimate BN statistics on ``x_tune`` (n_tune, *input_shape). False if the graph ignores train mode.
 
     ``forward(xb)`` runs the module on one batch (default ``module(xb)``): the engine passes the
     predictor's forward so the statistics come from the precision and memory layout that the
     levels are evaluated in (and cost one batch of activations in that precision, not fp32).
+    ``momentum``: the momentum ``forward`` really uses for every BN layer, when not the modules' own.
     """
     forward = module if forward is None else forward
     bns = batchnorm_modules(module)
@@ -68,7 +103,7 @@ def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int,
                 bn.num_batches_tracked.zero_()
             forward(xb)
             for i, bn in enumerate(bns):
-                m = _momentum(bn)
+                m = momentum if momentum is not None else _momentum(bn)
                 factor = 1.0 if m is None else 1.0 / m
                 sums_mean[i] += bn.running_mean * factor * xb.shape[0]
                 sums_var[i] += bn.running_var * factor * xb.shape[0]
@@ -86,4 +121,4 @@ def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int,
     return True
 
 
-__all__ = ["load_snapshot", "reestimate", "snapshot"]
+__all__ = ["load_snapshot", "reestimate", "snapshot", "train_mode_forward"]

@@ -304,6 +304,13 @@ def certify(
         # could round differently on a GPU) and no extra pass is needed for its accuracy.
         tested_bn: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         tested_accuracy: dict[tuple[str, int], float] = {}
+        # Traced graphs bake eval mode into their BN calls: re-estimate through a rewritten copy (momentum 1).
+        bn_train_forward = batchnorm.train_mode_forward(module) if use_bn else None
+        bn_momentum = None if bn_train_forward is None else 1.0
+
+        def bn_forward(xb: torch.Tensor) -> Any:
+            return predictor.forward(xb, bn_train_forward)
+
         for ci, name in enumerate(cfg.criterion):
             masks = masks_by_criterion[name]
             grid = grids[name]
@@ -326,7 +333,7 @@ def certify(
                     if reconstructor is not None:
                         reconstructor.apply(params, originals, keep)
                     if use_bn:
-                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, predictor.forward)
+                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
                         if ok:
                             tested_bn[(name, j)] = batchnorm.snapshot(module)
                         else:

@@ -203,11 +203,12 @@ class Predictor:
             return self.module(xb)
 
     @torch.no_grad()
-    def forward(self, xb: torch.Tensor) -> Any:
-        """One eager forward of the module as it is now (training mode included) in the evaluation
-        precision and memory layout: for passes that must not replay the graph, such as BN
-        re-estimation, which runs in train mode and updates buffers."""
-        return self._forward(self._format(xb))
+    def forward(self, xb: torch.Tensor, fn: Callable[[torch.Tensor], Any] | None = None) -> Any:
+        """One eager forward of the module as it is now (training mode included), or of ``fn`` (another
+        function of the same module), in the evaluation precision and memory layout: for passes that
+        must not replay the graph, such as BN re-estimation, which runs in train mode and updates buffers."""
+        with self._autocast():
+            return (self.module if fn is None else fn)(self._format(xb))
 
     def _eager(self, xb: torch.Tensor, on_error: ErrorFn | None) -> torch.Tensor:
         self.eager_batches += 1

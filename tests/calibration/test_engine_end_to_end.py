@@ -97,10 +97,26 @@ def test_batchnorm_reestimation_rescues_pruned_cnn(files, digits):
     assert with_bn["levels"][1]["empirical_risk"] < without["levels"][1]["empirical_risk"]
 
 
-def test_traced_batchnorm_graph_reports_reestimation_unavailable(files):
-    r = certify(files["cnn_traced"], files["data_img"], {"sparsities": [0.0, 0.3], "epsilon": 0.2}).result
-    assert r["bn_recalibration"] == "unavailable_traced_graph"
-
+def test_traced_batchnorm_graph_is_reestimated_like_the_scripted_one(files, tmp_path):
+    """A traced graph bakes training=False into its BN calls; re-estimation runs a copy of the graph with
+    the flag turned on. Same eager model scripted and traced → same statistics, same certificate, and the
+    traced artifact's own graph still evaluates in eval mode (same output for a batch of one or many)."""
+    cfg = {"sparsities": [0.0, 0.3, 0.5, 0.7], "epsilon": 0.1, "seed": 3, "full_curve": True}
+    traced = certify(files["cnn_traced"], files["data_img"], cfg, out=tmp_path / "t.pt").result
+    scripted = certify(files["cnn"], files["data_img"], cfg, out=tmp_path / "s.pt").result
+    assert traced["bn_recalibration"] == scripted["bn_recalibration"] == "on"
+    assert [lv["empirical_risk"] for lv in traced["levels"]] == pytest.approx(
+        [lv["empirical_risk"] for lv in scripted["levels"]], abs=1.5 / traced["n_calibration"])
+    t, s = torch.jit.load(str(tmp_path / "t.pt")), torch.jit.load(str(tmp_path / "s.pt"))
+    original = torch.jit.load(str(files["cnn_traced"]))
+    assert traced["certified_sparsity"] == scripted["certified_sparsity"] > 0, (traced["levels"], scripted["levels"])
+    moved = [not torch.allclose(a, b) for a, b in zip(t.buffers(), original.buffers()) if a.is_floating_point()]
+    assert any(moved)
+    for a, b in zip(t.buffers(), s.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    x = torch.from_numpy(np.load(files["data_img"])["x"][:16])
+    with torch.no_grad():
+        torch.testing.assert_close(t(x)[:1], t(x[:1]), rtol=1e-5, atol=1e-5)  # eval mode: no batch statistics
 
 def test_unlabeled_data_certifies_disagreement(files, digits, tmp_path):
     path = tmp_path / "nolabels.npz"
