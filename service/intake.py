@@ -7,14 +7,18 @@ with ``allow_pickle=False``. Every failure becomes an ``ApiError`` with the cali
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import ipaddress
 import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
+
+import httpx
 
 from calibration.config import LABELLED_RISKS, CertifyConfig, validate_config
 from calibration.data import load_calibration
@@ -206,22 +210,71 @@ def allowed_dataset_uri(uri: str, roots: list[str]) -> bool:
     return any(_is_within(uri, root) for root in roots if "://" in root and not root.startswith("file://"))
 
 
-def copy_dataset_uri(storage: Storage, uri: str, relpath_base: str, limit: int) -> StoredFile:
+class _ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (an HTTP body), for ``io.BufferedReader``."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            self._pending = next(self._chunks, b"")
+            if not self._pending:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+@contextlib.contextmanager
+def _open_http(uri: str, roots: list[str]) -> Iterator[io.BufferedReader]:
+    """GET ``uri`` (no redirects, no proxies from the environment) and check the address the connection
+    *really* reached before a byte of the body is read: a host whose DNS answer changed between
+    :func:`dataset_uri_problem` and this fetch (DNS rebinding) is refused like a private address."""
+    host = urlsplit(uri).hostname or ""
+    literal_roots = {urlsplit(r).hostname for r in roots if _scheme(r) in ("http", "https")}
+    with httpx.Client(follow_redirects=False, trust_env=False, timeout=httpx.Timeout(30.0)) as client, \
+            client.stream("GET", uri) as response:
+        stream = response.extensions.get("network_stream")
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+        if peer is None:
+            raise OSError("the connection's peer address is unknown, so it cannot be checked")
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        if not address.is_global and not (host in literal_roots and str(address) == host.strip("[]")):
+            raise ApiError(422, "dataset_address_not_allowed",
+                           f"The dataset URL {uri!r} connected to the non-public address {address}; the server does "
+                           "not fetch from loopback, private or link-local addresses (e.g. cloud metadata).")
+        if response.status_code != 200:
+            hint = " (redirects are not followed)" if response.is_redirect else ""
+            raise OSError(f"HTTP {response.status_code}{hint}")
+        yield io.BufferedReader(_ChunkReader(response.iter_bytes()), buffer_size=1 << 20)
+
+
+def copy_dataset_uri(storage: Storage, uri: str, relpath_base: str, limit: int, roots: list[str]) -> StoredFile:
     """Snapshot an allowed dataset URI into the job folder (the job never changes under the user's feet).
 
-    http(s) redirects are not followed: the checked URL is the one read, never a location it names.
+    http(s) redirects are not followed: the checked URL is the one read, never a location it names;
+    and the address actually connected to is checked again (see :func:`_open_http`).
     """
-    try:
-        if _scheme(uri) in ("http", "https"):
-            src = open_uri(uri, {"allow_redirects": False})
-        else:
-            src = open_uri(uri.removeprefix("file://") if uri.startswith("file://") else uri)
-    except (OSError, ValueError) as exc:
-        raise ApiError(422, "dataset_unreadable", f"The dataset {uri!r} could not be opened: {exc}") from exc
-    with src:
-        head = src.read(8)
-        src.seek(0)
-        return save_stream(storage, src, f"{relpath_base}.{data_extension(head)}", limit)
+    with contextlib.ExitStack() as stack:
+        try:
+            if _scheme(uri) in ("http", "https"):
+                src: BinaryIO = stack.enter_context(_open_http(uri, roots))  # type: ignore[arg-type]
+                head = src.peek(8)[:8]  # type: ignore[attr-defined]
+            else:
+                src = stack.enter_context(open_uri(uri.removeprefix("file://") if uri.startswith("file://") else uri))
+                head = peek(src)
+        except (OSError, ValueError, httpx.HTTPError) as exc:
+            raise ApiError(422, "dataset_unreadable", f"The dataset {uri!r} could not be opened: {exc}") from exc
+        try:
+            return save_stream(storage, src, f"{relpath_base}.{data_extension(head)}", limit)
+        except httpx.HTTPError as exc:
+            raise ApiError(422, "dataset_unreadable", f"The dataset {uri!r} could not be read: {exc}") from exc
 
 
 IDEMPOTENCY_KEY_MAX = 200

@@ -175,7 +175,7 @@ async def create_job(
         existing = await run_in_threadpool(lambda: store.get(job_id=job_id, owner=owner))
         if existing is not None:
             request = await run_in_threadpool(_upload_fingerprint, cfg.to_dict(), model, data, dataset, uncertainty,
-                                              existing, limit)
+                                              existing, limit, settings.allowed_dataset_roots)
             return await run_in_threadpool(_replay, storage, existing, request, response)
 
     dataset_id: str | None = None
@@ -198,7 +198,8 @@ async def create_job(
             summary = DataSummary(n=ds.n, x_shape=ds.x_shape, has_labels=ds.has_labels)
         else:
             assert dataset is not None
-            stored_data = await run_in_threadpool(copy_dataset_uri, storage, dataset, f"{base}/data", limit)
+            stored_data = await run_in_threadpool(copy_dataset_uri, storage, dataset, f"{base}/data", limit,
+                                                  settings.allowed_dataset_roots)
             data_path, data_sha = stored_data.path, stored_data.sha256
             summary = await run_in_threadpool(check_data, storage, data_path)
         check_labels_for_risk(cfg, summary)
@@ -236,25 +237,26 @@ async def create_job(
 
 
 def _upload_fingerprint(config: dict[str, Any], model: UploadFile, data: UploadFile | None, dataset: str | None,
-                        uncertainty: UploadFile | None, existing: Job, limit: int) -> Fingerprint:
+                        uncertainty: UploadFile | None, existing: Job, limit: int,
+                        roots: list[str]) -> Fingerprint:
     """The fingerprint of a submission whose key already has a job, computed without storing anything."""
     data_sha: str | None = None
     if data is not None:
         data_sha = sha256_stream(data.file)
     elif dataset and not dataset.startswith("ds_") and existing.dataset_id is None:
-        data_sha = _uri_sha256(dataset, limit)  # a URI is snapshotted: its content is what the job read
+        data_sha = _uri_sha256(dataset, limit, roots)  # a URI is snapshotted: its content is what the job read
     return Fingerprint(config=config, model_sha256=sha256_stream(model.file), data_sha256=data_sha,
                        dataset_id=dataset if dataset and dataset.startswith("ds_") else None,
                        uncertainty_sha256=sha256_stream(uncertainty.file) if uncertainty is not None else None)
 
 
-def _uri_sha256(uri: str, limit: int) -> str:
+def _uri_sha256(uri: str, limit: int, roots: list[str]) -> str:
     """sha256 of an (already allowed) dataset URI's content, read as a job would snapshot it."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="certiprune-idem-") as tmp:
         scratch = Storage(tmp)
-        return copy_dataset_uri(scratch, uri, "probe", limit).sha256
+        return copy_dataset_uri(scratch, uri, "probe", limit, roots).sha256
 
 
 @router.get("", response_model=JobsPublic, responses={**AUTH, **INVALID})
