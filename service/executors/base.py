@@ -17,6 +17,7 @@ A subclass supplies only how a run starts, is reaped, is stopped and how many ma
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -39,6 +40,40 @@ from ..store import (
 HEARTBEAT_EVERY_S = 2.0
 SWEEP_EVERY_S = 5.0
 KILL_AFTER_TERM_S = 3.0
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A worker process's end in words ("was killed by SIGKILL (often ...)")."""
+    if exitcode is None:
+        return "did not exit"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+def deterministic_failure(exitcode: int | None, progress_stage: str | None) -> tuple[str, str] | None:
+    """(code, message) for a worker death that a retry would only repeat, else None (retry it).
+
+    SIGXCPU is the sandbox's RLIMIT_CPU (``service.sandbox``); SIGABRT while saving is torch aborting on a
+    failed write (disk full, RLIMIT_FSIZE). Both executors use this, each on the process that ran the job.
+    """
+    if exitcode == -signal.SIGXCPU:
+        return "job_timeout", ("The job used up the CPU time a run may take and was stopped "
+                               "(CERTIPRUNE_SANDBOX_MAX_CPU_S). Check that the model's forward "
+                               "terminates, use fewer sparsity levels or a smaller calibration set, "
+                               "or ask the operator to raise the limit.")
+    if exitcode == -signal.SIGABRT and progress_stage == "saving":
+        return "artifact_write_failed", ("The worker crashed while writing the pruned model: the server's "
+                                         "disk is probably full, or the artifact is larger than a worker may "
+                                         "write (CERTIPRUNE_SANDBOX_MAX_FILE_BYTES). No artifact was stored.")
+    return None
+
+
 
 
 @dataclass(kw_only=True)
@@ -294,4 +329,5 @@ class DispatchingExecutor(ABC, Generic[RunT]):
         self._runs.clear()
 
 
-__all__ = ["HEARTBEAT_EVERY_S", "KILL_AFTER_TERM_S", "SWEEP_EVERY_S", "DispatchingExecutor", "Run"]
+__all__ = ["HEARTBEAT_EVERY_S", "KILL_AFTER_TERM_S", "SWEEP_EVERY_S", "DispatchingExecutor", "Run",
+           "describe_exit", "deterministic_failure"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -24,24 +23,11 @@ from multiprocessing.process import BaseProcess
 from ..settings import Settings
 from ..store import Claim, Job, JobStore
 from ..worker import discard_partial_job_files, run_job
-from .base import DispatchingExecutor, Run
+from .base import DispatchingExecutor, Run, describe_exit, deterministic_failure
 
 log = logging.getLogger("certiprune.executor")
 
 SHUTDOWN_WAIT_S = 5.0
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "did not exit"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        hint = " (often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with status {exitcode}"
 
 
 def default_slots() -> list[int | None]:
@@ -135,21 +121,10 @@ class LocalExecutor(DispatchingExecutor[_Run]):
             log.warning("could not remove the partial files of %s", job.id, exc_info=True)
 
     def _failure_without_retry(self, run: _Run, job: Job) -> tuple[str, str] | None:
-        code = run.process.exitcode
-        if code == -signal.SIGXCPU:  # the sandbox's RLIMIT_CPU (service.sandbox): deterministic, no retry
-            return "job_timeout", ("The job used up the CPU time a run may take and was stopped "
-                                   "(CERTIPRUNE_SANDBOX_MAX_CPU_S). Check that the model's forward "
-                                   "terminates, use fewer sparsity levels or a smaller calibration set, "
-                                   "or ask the operator to raise the limit.")
-        if code == -signal.SIGABRT and job.progress_stage == "saving":
-            # torch aborts the process when writing the artifact fails (disk full, RLIMIT_FSIZE): deterministic.
-            return "artifact_write_failed", ("The worker crashed while writing the pruned model: the server's "
-                                             "disk is probably full, or the artifact is larger than a worker may "
-                                             "write (CERTIPRUNE_SANDBOX_MAX_FILE_BYTES). No artifact was stored.")
-        return None
+        return deterministic_failure(run.process.exitcode, job.progress_stage)
 
     def _describe_death(self, run: _Run) -> str:
         return f"The worker process {describe_exit(run.process.exitcode)}."
 
 
-__all__ = ["LocalExecutor", "describe_exit"]
+__all__ = ["LocalExecutor"]

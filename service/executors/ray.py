@@ -1,8 +1,8 @@
 """RayExecutor: a dispatcher thread that claims queued jobs and runs each as a Ray task on a Ray cluster.
 
-The API process only claims and dispatches. The uploaded model is loaded in the Ray worker
-process that runs the task, by ``service.worker.run_job`` — the same code the local executor
-runs in a spawned process. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
+The API process only claims and dispatches. The uploaded model is loaded in a process that the
+Ray task spawns, by ``service.worker.run_job`` — the same code, sandbox and spawned process as the
+local executor's. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
 a free GPU and sets ``CUDA_VISIBLE_DEVICES`` for it.
 
 Retries belong to the job store, not to Ray (``max_retries=0``): when a worker process or a node
@@ -29,8 +29,8 @@ from ray import exceptions as ray_errors
 
 from ..settings import Settings
 from ..storage import S3_ENDPOINT_ENV
-from ..store import FAILED, Claim, JobStore, utcnow
-from .base import DispatchingExecutor, Run
+from ..store import FAILED, RUNNING, Claim, JobStore, utcnow
+from .base import DispatchingExecutor, Run, describe_exit, deterministic_failure
 
 log = logging.getLogger("certiprune.executor.ray")
 
@@ -38,9 +38,22 @@ RESOURCES_EVERY_S = 5.0
 SHUTDOWN_WAIT_S = 5.0
 
 
+class JobProcessDied(RuntimeError):
+    """The job's process died in a way a retry may cure (killed, crashed): the dispatcher retries it."""
+
+
 def run_on_ray_worker(job_id: str, run_id: str, settings_dict: dict[str, Any]) -> dict[str, Any]:
-    """The Ray task: record where it runs, then run the job exactly as a local worker process would."""
-    from ..worker import run_job
+    """The Ray task: record where it runs, then run the job in a spawned, sandboxed child process.
+
+    The Ray worker only supervises. Ray keeps no exit status of a worker it lost, so the job runs one
+    process further down, where this task can read how it ended: the sandbox's CPU-time limit
+    (SIGXCPU) or an abort while saving fails the job at once, like the local executor does, instead
+    of being retried as a crash. The child dies with this worker (``parent_pid``), so cancelling the
+    task or killing its worker stops the job too.
+    """
+    import multiprocessing
+
+    from ..worker import discard_partial_job_files, run_job
 
     settings = Settings(**settings_dict)
     if settings.s3_endpoint_url:  # run_job's Storage reads the endpoint from the environment
@@ -56,13 +69,29 @@ def run_on_ray_worker(job_id: str, run_id: str, settings_dict: dict[str, Any]) -
     }
     store = JobStore.from_url(settings.resolved_database_url)
     try:
-        current = store.record_placement(job_id=job_id, run_id=run_id, placement=placement)
+        if not store.record_placement(job_id=job_id, run_id=run_id, placement=placement):
+            return placement  # the claim moved on (cancelled, or requeued) while the task waited for a worker
+        # gpu=0: the first (only) device Ray made visible, so the worker knows the job holds a GPU.
+        child = multiprocessing.get_context("spawn").Process(
+            target=run_job, args=(job_id, run_id, settings_dict),
+            kwargs={"gpu": 0 if placement["gpu_ids"] else None, "parent_pid": os.getpid()},
+            name=f"certiprune-{job_id}", daemon=False)
+        child.start()
+        child.join()
+        if child.exitcode == 0:
+            return placement
+        job = store.get(job_id=job_id)
+        if job is None or job.status != RUNNING or job.run_id != run_id:
+            return placement  # it recorded its outcome before dying, or the job moved on
+        discard_partial_job_files(settings, job_id)  # nobody else writes in its folder while this run holds it
+        failure = deterministic_failure(child.exitcode, job.progress_stage)
+        if failure is None:
+            raise JobProcessDied(f"The job's process {describe_exit(child.exitcode)}.")
+        code, message = failure
+        store.finish(job_id=job_id, run_id=run_id, status=FAILED, error_code=code, error_message=message)
+        return placement
     finally:
         store.close()
-    if current:  # else the claim moved on (cancelled, or requeued) while the task waited for a worker
-        # gpu=0: the first (only) device Ray made visible, so the worker knows the job holds a GPU.
-        run_job(job_id, run_id, settings_dict, gpu=0 if placement["gpu_ids"] else None)
-    return placement
 
 
 def gpus_for(config: dict[str, Any], cluster_gpus: float) -> int | None:
@@ -86,6 +115,9 @@ def describe_failure(error: BaseException | None) -> str:
         return "The Ray node running the job died."
     if isinstance(error, ray_errors.TaskCancelledError):
         return "The Ray task running the job was cancelled."
+    cause = getattr(error, "cause", None)  # ray.get raises RayTaskError(cause) for an exception in the task
+    if isinstance(cause, JobProcessDied):
+        return str(cause)
     text = str(error).strip().splitlines()
     return f"The Ray task failed ({type(error).__name__}: {text[0][:300] if text else ''})."
 
@@ -101,9 +133,9 @@ class RayExecutor(DispatchingExecutor[_Run]):
     """Runs queued jobs from ``store`` as Ray tasks: at most one per GPU of the cluster (per CPU without GPUs).
 
     A Ray worker killed by a signal surfaces only as a bare ``WorkerCrashedError`` (Ray keeps no exit
-    status or signal), so unlike the local executor it cannot tell a worker killed by the sandbox's
-    CPU-time limit (SIGXCPU) or one that aborted while saving from any other crash: those jobs are
-    retried and fail ``worker_died`` once out of attempts.
+    status or signal), so each task runs its job in a child process and reads the child's end itself
+    (:func:`run_on_ray_worker`): deterministic deaths fail the job at once, others come back here as
+    errors and are retried.
     """
 
     log = log
@@ -221,4 +253,4 @@ class RayExecutor(DispatchingExecutor[_Run]):
         return describe_failure(run.error)
 
 
-__all__ = ["RayExecutor", "describe_failure", "gpus_for", "run_on_ray_worker"]
+__all__ = ["JobProcessDied", "RayExecutor", "describe_failure", "gpus_for", "run_on_ray_worker"]

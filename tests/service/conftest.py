@@ -86,3 +86,52 @@ def a(server: Server) -> Iterator[httpx.Client]:
 def b(server: Server) -> Iterator[httpx.Client]:
     with server.client(KEY_B) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def hostile_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Scripted models that attack the sandbox: a 12 GiB allocation, an endless loop, and two whose
+    artifacts straddle a file-size limit."""
+    import io
+
+    import torch
+    from torch import nn
+
+    d = tmp_path_factory.mktemp("hostile")
+
+    class Hog(nn.Module):
+        """Asks for 12 GiB in every forward (untouched, so harmless without a limit)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            big = torch.empty([3 * 1073741824])
+            return self.fc(x) + big.narrow(0, 0, 1).zero_()
+
+    class Spins(nn.Module):
+        """Never returns."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            i = 0
+            while i >= 0:
+                i += 1
+                if i == -5:
+                    break
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    wider = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    paths = {}
+    for name, module in {"hog": Hog(), "spins": Spins(), "wide": wide, "wider": wider}.items():
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(module.eval()), buf)
+        paths[name] = d / f"{name}.pt"
+        paths[name].write_bytes(buf.getvalue())
+    return paths

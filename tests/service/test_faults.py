@@ -208,52 +208,7 @@ def test_killing_workers_and_the_api_loses_no_job(make_server, inputs: Inputs, t
     assert sum(stages[s] for s in COMPUTE_STAGES) >= WORKER_KILLS // 4
 
 
-# -- resource exhaustion inside the sandbox -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hostile_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import torch
-    from torch import nn
-
-    d = tmp_path_factory.mktemp("hostile")
-
-    class Hog(nn.Module):
-        """Asks for 12 GiB in every forward (untouched, so harmless without a limit)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(64, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            big = torch.empty([3 * 1073741824])
-            return self.fc(x) + big.narrow(0, 0, 1).zero_()
-
-    class Spins(nn.Module):
-        """Never returns."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(64, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            i = 0
-            while i >= 0:
-                i += 1
-                if i == -5:
-                    break
-            return self.fc(x)
-
-    torch.manual_seed(0)
-    wide = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    wider = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    paths = {}
-    for name, module in {"hog": Hog(), "spins": Spins(), "wide": wide, "wider": wider}.items():
-        buf = io.BytesIO()
-        torch.jit.save(torch.jit.script(module.eval()), buf)
-        paths[name] = d / f"{name}.pt"
-        paths[name].write_bytes(buf.getvalue())
-    return paths
-
+# -- resource exhaustion inside the sandbox (hostile_models: tests/service/conftest.py) ---------
 
 def artifact_bytes(path: Path) -> int:
     """The size of the pruned artifact: the same module saved again (zeros take the same room)."""

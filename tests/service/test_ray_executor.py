@@ -112,6 +112,25 @@ def test_a_job_whose_ray_worker_dies_on_its_last_attempt_fails_clearly(ray_serve
     assert "Ray worker" in job["error"]["message"] and "1 time(s)" in job["error"]["message"]
 
 
+def test_sandbox_deaths_under_ray_fail_at_once_like_the_local_executor(ray_server, inputs: Inputs,
+                                                                       hostile_models: dict[str, Path]) -> None:
+    """The Ray task runs the job in a child process and reads how it ended: the CPU-time limit (SIGXCPU)
+    fails the job ``job_timeout`` without a retry, instead of a crash retried until ``worker_died``."""
+    server = ray_server(sandbox_max_cpu_s=6, max_attempts=3)
+    with server.client() as c:
+        job_id = submit(c, hostile_models["spins"], data=inputs.data,
+                        config={"sparsities": [0.2, 0.5], "epsilon": 0.05}).json()["id"]
+        job = wait_terminal(c, job_id, timeout=120)
+        assert job["status"] == "failed" and job["error"]["code"] == "job_timeout", job
+        assert job["attempts"] == 0 and "CERTIPRUNE_SANDBOX_MAX_CPU_S" in job["error"]["message"], job
+        assert not (server.data_dir / "jobs" / job_id / "artifact.pt").exists()
+        # The same server still runs an ordinary job to the end.
+        ok = submit(c, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+        assert wait_terminal(c, ok, timeout=120)["status"] == "succeeded"
+    placement = stored_job(server, job_id).placement
+    assert placement["executor"] == "ray" and placement["pid"] != server.proc.pid
+
+
 def test_cancel_stops_the_ray_task(ray_server, inputs: Inputs) -> None:
     server = ray_server()
     with server.client() as c:
