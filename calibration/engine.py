@@ -155,12 +155,12 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
             "data, a larger ε or a finer grid at low sparsity may help.")
 
 
-def _method_label(criterion: str, cfg: CertifyConfig) -> str:
+def _method_label(criterion: str, cfg: CertifyConfig, reconstructed: bool) -> str:
     """How the candidates were made, for the guarantee sentence."""
     parts = [f"{criterion} scores, {cfg.scope} scope"]
     if cfg.pattern:
         parts.append(f"{cfg.pattern} semi-structured pattern")
-    if cfg.reconstruct:
+    if reconstructed:
         parts.append("weights reconstructed on the tuning split")
     return "; ".join(parts)
 
@@ -417,7 +417,8 @@ def certify(
                            if isinstance(masks, PatternMasks) else None),
         "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
-                                        criterion=_method_label(best["criterion"], cfg)),
+                                        criterion=_method_label(best["criterion"], cfg,
+                                                                reconstructed=bool(reconstructor and reconstructor.hessians))),
         "artifact_sha256": None,
     }
     if out is not None:

@@ -207,6 +207,8 @@ class Reconstructor:
 
     ``hessians``: index into the prunable weights → damped H of shape (groups, d, d), float64.
     ``skipped``: weight name → why it is only masked, not reconstructed.
+    ``unavailable``: why nothing is reconstructed at all (the graph could not be probed); the levels
+    are then plain masks, and the report says so.
     """
 
     hessians: dict[int, torch.Tensor]
@@ -215,6 +217,7 @@ class Reconstructor:
     n_tune: int = 0
     damp: float = DAMP
     solvers: dict[int, str] = field(default_factory=dict)  # layer index → "exact" | "obs"
+    unavailable: str | None = None
     _hinv: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -227,7 +230,14 @@ class Reconstructor:
         if x_tune.shape[0] == 0:
             raise ModelError("Weight reconstruction needs tuning data (D_tune) but it is empty.",
                              code="tune_data_required")
-        probe = build_probe(module, weights)
+        try:
+            probe = build_probe(module, weights)
+        except ModelError as exc:
+            if exc.code != "model_not_probeable":
+                raise
+            # Fall back to plain masking, layer by layer, with the reason in the report.
+            return cls(hessians={}, skipped={w.name: str(exc) for w in weights}, method=method,
+                       n_tune=int(x_tune.shape[0]), damp=damp, unavailable=str(exc))
         skipped = dict(probe.unprobed)
         index = {w.name: i for i, w in enumerate(weights)}
         sums: dict[int, torch.Tensor] = {}
@@ -288,6 +298,7 @@ class Reconstructor:
             "layers": [weights[i].name for i in sorted(self.hessians)],
             "solver": {weights[i].name: self.solvers[i] for i in sorted(self.hessians)},
             "skipped": dict(sorted(self.skipped.items())),
+            "unavailable": self.unavailable,
         }
 
 

@@ -27,6 +27,12 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
         f"zeroed weights     : {result['zeroed_parameters']:,} of {result['prunable_parameters']:,} prunable",
         f"BN re-estimation   : {result.get('bn_recalibration', 'n/a')}",
     ]
+    reconstruction = result.get("reconstruction")
+    if reconstruction:
+        lines.append("reconstruction     : " + (f"unavailable, plain masks ({reconstruction['unavailable']})"
+                                                if reconstruction.get("unavailable") else
+                                                f"{len(reconstruction['layers'])} layers, {len(reconstruction['skipped'])} "
+                                                "masked only"))
     if len(result.get("criteria", [])) > 1:
         lines.append("per criterion      : " + ", ".join(
             f"{c['criterion']} {_pct(c['certified_sparsity'])} (δ={c['delta']:.3g})" for c in result["criteria"]))

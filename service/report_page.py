@@ -378,6 +378,12 @@ def _settings_table(result: dict[str, Any]) -> str:
             "n_tune", "seed", "bn_recalibration", "device", "precision", "levels_evaluated"]
     body = "".join(f"<tr><th>{e(k.replace('_', ' '))}</th><td>{e(_fmt(result.get(k)))}</td></tr>"
                    for k in keys if k in result)
+    rec = result.get("reconstruction")
+    if isinstance(rec, dict):
+        what = (f"unavailable, plain masks: {rec['unavailable']}" if rec.get("unavailable")
+                else f"{len(rec.get('layers') or [])} layers reconstructed on the tuning split, "
+                     f"{len(rec.get('skipped') or {})} masked only")
+        body += f"<tr><th>reconstruction</th><td>{e(what)}</td></tr>"
     total_s = _num((result.get("timings") or {}).get("total_s")) if isinstance(result.get("timings"), dict) else None
     if total_s is not None:
         body += f"<tr><th>time</th><td>{total_s:.1f} s</td></tr>"

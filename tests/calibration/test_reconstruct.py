@@ -239,3 +239,38 @@ def test_reconstruct_config_and_cli_flag():
         validate_config({"reconstruct": "yes"})
     args = build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--reconstruct"])
     assert config_from_args(args)["reconstruct"] is True
+
+
+class _BranchyMLP(nn.Module):
+    """Every layer is called inside control flow: no layer input can be probed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 32)
+        self.b = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.shape[0] > 0):
+            return self.b(torch.relu(self.a(x)))
+        return x[:, :10]
+
+
+def test_an_unprobeable_graph_falls_back_to_plain_masks_and_says_so(files, tmp_path):
+    from calibration.report import format_summary
+
+    torch.manual_seed(0)
+    model = tmp_path / "branchy.pt"
+    torch.jit.script(_BranchyMLP().eval()).save(str(model))
+    out = tmp_path / "pruned.pt"
+    cfg = {"reconstruct": True, "risk": "disagreement", "epsilon": 0.2, "sparsities": [0.0, 0.1, 0.2, 0.3], "seed": 1}
+    r = certify(model, files["data_flat"], cfg, out=out).result
+    rec = r["reconstruction"]
+    assert rec["unavailable"] and "could not be probed" in rec["unavailable"] and rec["layers"] == []
+    assert set(rec["skipped"]) == {"a.weight", "b.weight"}
+    assert "reconstructed" not in r["guarantee"]
+    assert "unavailable, plain masks" in format_summary(r)
+    # The artifact is the plain magnitude mask of the original weights.
+    original, pruned = torch.jit.load(str(model)), torch.jit.load(str(out))
+    for w0, w in zip(find_prunable(original), find_prunable(pruned)):
+        kept = w.param != 0
+        assert torch.equal(w.param[kept], w0.param[kept])

@@ -28,6 +28,8 @@ from calibration.errors import ConfigError
 from calibration.p_values import p_value, wsr_p_value_batch
 from calibration.procedures import get_procedure, split_delta
 
+pytestmark = pytest.mark.timeout(300)  # the budget for the whole file (it takes ≈ 30 s on 2 cores)
+
 DELTA = 0.1
 DRAWS = 2000
 SE = math.sqrt(DELTA * (1 - DELTA) / DRAWS)

@@ -180,3 +180,14 @@ def test_pages_admit_only_their_own_script_and_never_echo_the_query(get, path: s
     assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp and "connect-src 'self'" in csp
     assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY"
     assert "innerHTML" not in script and "document.write" not in script  # data goes in as text only
+
+
+def test_reconstruction_is_described_and_its_fallback_explained() -> None:
+    used = render_report("job_1", make_result(reconstruction={"layers": ["a.weight", "b.weight"],
+                                                              "skipped": {"c.weight": "x"}, "unavailable": None}))
+    assert "2 layers reconstructed on the tuning split, 1 masked only" in used
+    reason = f"this graph could not be probed: {HOSTILE}"
+    fallback = render_report("job_1", make_result(reconstruction={"layers": [], "skipped": {}, "unavailable": reason}))
+    assert "unavailable, plain masks: this graph could not be probed" in fallback
+    assert "<img" not in fallback.lower()  # the reason is escaped like everything else
+    assert "reconstruction" not in render_report("job_1", make_result())
