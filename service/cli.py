@@ -42,8 +42,22 @@ def _configure_logging(level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
+    api_keys = args.api_keys
+    if args.api_keys_file:
+        try:
+            lines = Path(args.api_keys_file).read_text().splitlines()
+        except OSError as exc:
+            print(f"certiprune: cannot read --api-keys-file: {exc}", file=sys.stderr)
+            return 2
+        file_keys = [k.strip() for k in lines if k.strip()]
+        if not file_keys:
+            print(f"certiprune: --api-keys-file {args.api_keys_file} holds no key", file=sys.stderr)
+            return 2
+        api_keys = ",".join(filter(None, [api_keys, *file_keys]))
     settings = _settings({"host": args.host, "port": args.port, "data_dir": args.data_dir, "executor": args.executor,
-                          "ray_address": args.ray_address})
+                          "ray_address": args.ray_address, "api_keys": api_keys,
+                          "max_upload_bytes": args.max_upload_bytes,
+                          "allowed_dataset_roots": args.allowed_dataset_roots})
 
     import uvicorn
 
@@ -374,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="with --executor ray: 'auto', HOST:PORT or ray://HOST:10001 "
                                          "(default: start a Ray instance on this machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--api-keys", help="comma-separated bearer keys, one tenant each (env CERTIPRUNE_API_KEYS; "
+                                      "visible to other users in `ps`: prefer the env or --api-keys-file)")
+    p.add_argument("--api-keys-file", help="a file with one API key per line (added to --api-keys)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest upload, refused while streaming "
+                                                        "(env CERTIPRUNE_MAX_UPLOAD_BYTES; default 2 GiB)")
+    p.add_argument("--allowed-dataset-roots", help="comma-separated URI prefixes a job's dataset may name "
+                                                   "(env CERTIPRUNE_ALLOWED_DATASET_ROOTS)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="claim and run queued jobs from the shared store (scale-out)")

@@ -81,6 +81,7 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    args: list[str] = field(default_factory=list)  # more `certiprune serve` flags
 
     @property
     def url(self) -> str:
@@ -92,7 +93,7 @@ class Server:
         env = {**inherited, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--log-level", "warning"],
+             "--data-dir", str(self.data_dir), "--log-level", "warning", *self.args],
             cwd=REPO, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
         )
         wait_until_up(self.proc, f"{self.url}/healthz", timeout, self.log)

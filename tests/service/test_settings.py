@@ -53,3 +53,49 @@ def test_importing_the_service_creates_no_settings_or_files(tmp_path) -> None:
                               "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert list(tmp_path.iterdir()) == []  # no ./data, no database
+
+
+def test_serve_takes_keys_upload_limit_and_dataset_roots_as_flags(tmp_path, inputs) -> None:
+    """The same settings as the CERTIPRUNE_* variables, given as `certiprune serve` flags to a real server."""
+    import shutil
+
+    import httpx
+    from service_harness import Server, submit
+
+    root = tmp_path / "datasets"
+    root.mkdir()
+    shutil.copy(inputs.data, root / "cal.npz")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\nkey-from-file-0001\n\n")
+    limit = inputs.model.stat().st_size + inputs.data.stat().st_size + 64 * 1024
+    server = Server(data_dir=tmp_path / "data", env={}, args=[
+        "--api-keys", "key-from-flag-0001", "--api-keys-file", str(keys), "--max-upload-bytes", str(limit),
+        "--allowed-dataset-roots", str(root)]).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30.0) as anon:
+            assert anon.get("/v1/jobs").status_code == 401
+        for key in ("key-from-flag-0001", "key-from-file-0001"):
+            with server.client(key) as c:
+                assert c.get("/v1/jobs").status_code == 200, key
+        with server.client("key-from-file-0001") as c:
+            r = submit(c, inputs.model, dataset=str(root / "cal.npz"))
+            assert r.status_code == 202, r.text
+            assert submit(c, inputs.model, dataset=str(inputs.data)).json()["error"]["code"] == "dataset_not_allowed"
+            big = tmp_path / "big.npz"
+            big.write_bytes(b"PK" + b"\0" * (limit + 1))
+            too_big = submit(c, inputs.model, data=big)
+            assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "upload_too_large", too_big.text
+    finally:
+        server.stop()
+
+
+def test_an_empty_api_keys_file_is_refused_rather_than_opening_the_server(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    empty = tmp_path / "keys.txt"
+    empty.write_text("\n  \n")
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--api-keys-file", str(empty),
+                           "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "holds no key" in proc.stderr, proc.stderr
+    assert not (tmp_path / "d").exists()
