@@ -82,6 +82,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)  # more `certiprune serve` flags
+    prefix: list[str] = field(default_factory=list)  # a command that execs the server (e.g. in a namespace)
 
     @property
     def url(self) -> str:
@@ -92,7 +93,7 @@ class Server:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("CERTIPRUNE_")}  # hermetic
         env = {**inherited, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            [*self.prefix, sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--data-dir", str(self.data_dir), "--log-level", "warning", *self.args],
             cwd=REPO, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
         )

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,11 +24,13 @@ import pytest
 from service_harness import (
     FAST_CONFIG,
     REPO,
+    SLOW_CONFIG,
     TERMINAL,
     Inputs,
     Server,
     assert_error,
     submit,
+    wait_for,
     wait_terminal,
 )
 
@@ -249,3 +252,69 @@ def test_memory_hogs_endless_loops_and_a_full_disk_fail_their_job_clearly(
         assert wait_terminal(c, ok, timeout=120)["status"] == "succeeded"
         assert c.get("/healthz").status_code == 200
     assert server.workers_left() == []
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    trial = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            f'mount -t tmpfs -o size=1m tmpfs "{where}"'], capture_output=True, timeout=30)
+    return trial.returncode == 0
+
+
+def test_a_really_full_disk_fails_the_artifact_write_and_serves_nothing(tmp_path: Path, inputs: Inputs,
+                                                                         hostile_models: dict[str, Path]) -> None:
+    """ENOSPC for real: the server's data dir is a small tmpfs in its own mount namespace. While a slow job
+    holds the only slot, the queued job's disk is filled to leave room for the weights (so the pre-check
+    passes) but not for the whole archive; the artifact write then fails, the job fails clearly, and no
+    partial file remains. Once space is freed, an ordinary job succeeds."""
+    from service.worker import artifact_size_estimate
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if not _can_mount_tmpfs(data_dir):
+        pytest.skip("mounting a tmpfs in a private mount namespace needs CAP_SYS_ADMIN (or user namespaces)")
+    need, whole = artifact_size_estimate(hostile_models["wide"]), artifact_bytes(hostile_models["wide"])
+    target = -(-need // 4096) * 4096  # free space after filling: room for the weights, not the archive
+    assert need <= target < whole
+    server = Server(
+        data_dir=data_dir,
+        env={"CERTIPRUNE_DATABASE_URL": f"sqlite:///{tmp_path / 'jobs.db'}", "CERTIPRUNE_MAX_CONCURRENT_JOBS": "1",
+             "CERTIPRUNE_MAX_ATTEMPTS": "3"},
+        prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'mount -t tmpfs -o size=160m tmpfs "{data_dir}" && exec "$@"', "sh"],
+    ).start()
+    inside = Path(f"/proc/{server.proc.pid}/root") / data_dir.relative_to("/")  # the tmpfs, seen from outside
+    try:
+        with server.client() as c:
+            slow = submit(c, inputs.big_model, data=inputs.big_data, config=SLOW_CONFIG).json()["id"]
+            wait_for(c, slow, lambda j: j["status"] == "running", 60, "the slow job to hold the slot")
+            victim = submit(c, hostile_models["wide"], data=inputs.data, config=TINY).json()["id"]
+            assert c.get(f"/v1/jobs/{victim}").json()["status"] == "queued"
+            stat = os.statvfs(inside)
+            free = stat.f_bavail * stat.f_frsize
+            assert free > target, (free, target)
+            filler = inside / "filler.bin"
+            with open(filler, "wb") as fh:
+                left, block = free - target, b"\0" * (1 << 20)
+                while left:
+                    left -= fh.write(block[:min(left, len(block))])
+            stat = os.statvfs(inside)
+            assert stat.f_bavail * stat.f_frsize == target
+            assert c.post(f"/v1/jobs/{slow}/cancel").status_code == 200
+            job = wait_terminal(c, victim, timeout=120)
+            assert job["status"] == "failed" and job["error"]["code"] == "artifact_write_failed", (job, server.log())
+            assert job["attempts"] == 0, job  # a full disk is not retried as a crash
+            print("ENOSPC job error:", job["error"])
+            assert_error(c.get(f"/v1/jobs/{victim}/artifact"), 409, "job_not_succeeded")
+            folder = inside / "jobs" / victim
+            assert not (folder / "artifact.pt").exists()
+            assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".tmp", ".artifact"))) == []
+            # Room again: the next job writes its artifact and serves it whole.
+            filler.unlink()
+            ok = submit(c, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+            assert wait_terminal(c, ok, timeout=120)["status"] == "succeeded"
+            r = c.get(f"/v1/jobs/{ok}/artifact")
+            assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == r.headers["x-checksum-sha256"]
+    finally:
+        server.stop()
