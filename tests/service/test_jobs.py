@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from service_harness import (
+    pid_gone,
     FAST_CONFIG,
     SLOW_CONFIG,
     Inputs,
@@ -134,21 +135,8 @@ def test_cancelling_a_running_job_stops_its_worker(client: httpx.Client, worker_
     job = wait_terminal(client, job_id, timeout=30)
     assert job["status"] == "cancelled" and job["finished_at"]
     assert time.monotonic() - t0 < 10
-    wait_gone(pid)
+    assert pid_gone(pid), f"worker {pid} is still alive"
     assert_error(client.get(f"/v1/jobs/{job_id}/artifact"), 409, "job_not_succeeded")
-
-
-def wait_gone(pid: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return
-        if "\nState:\tZ" in state:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"process {pid} is still alive")
 
 
 def test_a_killed_worker_requeues_the_job_then_fails_it_after_max_attempts(
