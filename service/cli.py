@@ -307,6 +307,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _check(client.delete(f"/v1/jobs/{args.job_id}"))
+    print(f"{args.job_id}: deleted")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -369,6 +376,13 @@ The same list, updating live and linking to each report, is at the server's addr
   certiprune jobs --status running --json | jq -r '.data[].id' | xargs -n1 certiprune cancel
 
 A queued job is cancelled at once; a running one stops at its next check (and is killed after a grace period).
+""",
+    "delete": """examples:
+  certiprune delete job_0123456789abcdef01234567
+  certiprune jobs --status failed --json | jq -r '.data[].id' | xargs -n1 certiprune delete
+
+Removes a finished job and its files (model, data copy, artifact) from the server; download the artifact first.
+Queued or running jobs must be cancelled first.
 """,
 }
 
@@ -449,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     _add_client_args(p)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("delete", help="delete a finished job and its files on a server")
+    p.add_argument("job_id")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_delete)
 
     parser.epilog = EPILOGS["certiprune"]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -99,6 +99,11 @@ class DatasetPublic(BaseModel):
                    size=ds.size, created_at=ds.created_at)
 
 
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int = Field(description="Total number of datasets visible to the caller (all pages).")
+
+
 class HealthPublic(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)

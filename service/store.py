@@ -31,7 +31,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     create_engine,
+    delete,
     event,
+    exists,
     func,
     select,
     text,
@@ -357,6 +359,25 @@ class JobStore:
         counts.update({status: int(n) for status, n in rows})
         return counts
 
+    def delete(self, *, job_id: str, owner: str | None = None) -> tuple[str, Job | None]:
+        """Delete a finished job's row: ("deleted", job), ("not_finished", job) or ("not_found", None).
+
+        Only succeeded, failed or cancelled jobs go (one conditional DELETE, so a job that a worker
+        holds is never removed under it). The caller removes the job's files afterwards.
+        """
+        job = self.get(job_id=job_id, owner=owner)
+        if job is None:
+            return "not_found", None
+        if job.status not in TERMINAL:
+            return "not_finished", job
+        with self._session() as s:
+            gone = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.owner == job.owner,
+                                                  JobRow.status.in_(TERMINAL))).rowcount
+        if gone:
+            return "deleted", job
+        now = self.get(job_id=job_id, owner=owner)  # changed meanwhile: deleted by another call, or requeued
+        return ("not_found", None) if now is None else ("not_finished", now)
+
     # -- jobs: executor / worker side -----------------------------------------------------
 
     def claim_next(self, *, worker_id: str) -> Claim | None:
@@ -555,6 +576,31 @@ class JobStore:
             s.add(row)
             s.flush()
             return Dataset.from_row(row)
+
+    def list_datasets(self, *, owner: str | None, limit: int = 20, offset: int = 0) -> tuple[list[Dataset], int]:
+        """Newest first; returns (page, total count)."""
+        stmt = select(DatasetRow)
+        count_stmt = select(func.count()).select_from(DatasetRow)
+        if owner is not None:
+            stmt = stmt.where(DatasetRow.owner == owner)
+            count_stmt = count_stmt.where(DatasetRow.owner == owner)
+        stmt = stmt.order_by(DatasetRow.seq.desc()).limit(limit).offset(offset)
+        with self._session() as s:
+            rows = [Dataset.from_row(r) for r in s.scalars(stmt)]
+            return rows, int(s.scalar(count_stmt) or 0)
+
+    def delete_dataset(self, *, dataset_id: str, owner: str | None = None) -> tuple[str, Dataset | None]:
+        """("deleted", ds), ("in_use", ds) while a queued or running job reads it, or ("not_found", None)."""
+        ds = self.get_dataset(dataset_id=dataset_id, owner=owner)
+        if ds is None:
+            return "not_found", None
+        active = select(JobRow.id).where(JobRow.dataset_id == dataset_id, JobRow.status.in_((QUEUED, RUNNING)))
+        with self._session() as s:
+            gone = s.execute(delete(DatasetRow).where(DatasetRow.id == dataset_id, DatasetRow.owner == ds.owner,
+                                                      ~exists(active))).rowcount
+        if gone:
+            return "deleted", ds
+        return ("in_use", ds) if self.get_dataset(dataset_id=dataset_id, owner=owner) else ("not_found", None)
 
     def get_dataset(self, *, dataset_id: str, owner: str | None = None) -> Dataset | None:
         stmt = select(DatasetRow).where(DatasetRow.id == dataset_id)

@@ -1,16 +1,16 @@
-"""POST /v1/datasets: store a calibration set once, refer to it from many jobs by its ds_ id."""
+"""/v1/datasets: store a calibration set once, refer to it from many jobs by its ds_ id; list, read, delete."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import OwnerDep, SettingsDep, StorageDep, StoreDep
 from ..errors import ApiError, reject_unknown_query_parameters
 from ..intake import check_data, data_extension, peek, save_stream
-from ..schemas import DatasetPublic, ErrorBody
+from ..schemas import DatasetPublic, DatasetsPublic, ErrorBody
 from ..storage import Storage
 from ..store import new_dataset_id
 
@@ -55,3 +55,48 @@ async def create_dataset(
         await run_in_threadpool(_discard, storage, relpath)
         raise
     return DatasetPublic.from_dataset(ds)
+
+
+NOT_FOUND = {404: {"model": ErrorBody, "description": "No such dataset for this API key."}}
+AUTH = {401: ERRORS[401]}
+
+
+def _dataset_or_404(store: Any, dataset_id: str, owner: str) -> Any:
+    ds = store.get_dataset(dataset_id=dataset_id, owner=owner)
+    if ds is None:
+        raise ApiError(404, "dataset_not_found",
+                       f"No dataset {dataset_id!r} (it does not exist or belongs to another API key).")
+    return ds
+
+
+@router.get("", response_model=DatasetsPublic, responses=AUTH)
+def list_datasets(
+    owner: OwnerDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> DatasetsPublic:
+    """The caller's stored calibration sets, newest first; ``count`` is the total over all pages."""
+    datasets, count = store.list_datasets(owner=owner, limit=limit, offset=offset)
+    return DatasetsPublic(data=[DatasetPublic.from_dataset(d) for d in datasets], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses={**AUTH, **NOT_FOUND})
+def get_dataset(dataset_id: str, owner: OwnerDep, store: StoreDep) -> DatasetPublic:
+    return DatasetPublic.from_dataset(_dataset_or_404(store, dataset_id, owner))
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={**AUTH, **NOT_FOUND,
+                          409: {"model": ErrorBody, "description": "A queued or running job still reads it."}})
+def delete_dataset(dataset_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep) -> Response:
+    """Delete a stored calibration set. Finished jobs that used it keep their results and artifacts."""
+    outcome, ds = store.delete_dataset(dataset_id=dataset_id, owner=owner)
+    if outcome == "not_found":
+        _dataset_or_404(store, dataset_id, owner)  # raises the 404
+    if outcome == "in_use":
+        raise ApiError(409, "dataset_in_use",
+                       f"Dataset {dataset_id} is read by a queued or running job; delete it once those jobs "
+                       "have finished (or cancel them).")
+    _discard(storage, ds.path)
+    return Response(status_code=204)

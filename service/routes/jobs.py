@@ -293,6 +293,27 @@ def cancel_job(job_id: str, owner: OwnerDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_job(job)
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses={**AUTH, **NOT_FOUND,
+                          409: {"model": ErrorBody, "description": "The job is queued or running: cancel it first."},
+                          **INVALID})
+def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep) -> Response:
+    """Forget a finished job and remove its files (uploaded model, data copy, artifact) to free storage.
+
+    A stored dataset the job used stays (delete it with ``DELETE /v1/datasets/{id}``).
+    """
+    outcome, job = store.delete(job_id=job_id, owner=owner)
+    if outcome == "not_found":
+        raise ApiError(404, "job_not_found", f"No job {job_id!r} (it does not exist or belongs to another API key).")
+    if outcome == "not_finished":
+        raise ApiError(409, "job_not_finished",
+                       f"Job {job_id} is {job.status if job else 'active'}; cancel it first "
+                       f"(POST /v1/jobs/{job_id}/cancel), then delete it once it has stopped.")
+    # The row is gone first, so nothing can serve a half-removed job; then its folder.
+    storage.remove_tree(job_dir(job_id))
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/artifact", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, **AUTH, **NOT_FOUND,
                        409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},

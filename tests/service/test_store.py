@@ -150,6 +150,41 @@ def test_datasets_are_per_owner(store: JobStore) -> None:
     assert store.get_dataset(dataset_id=ds.id, owner="b") is None
 
 
+def test_only_finished_jobs_are_deleted_and_only_by_their_owner(store: JobStore) -> None:
+    job_id = add(store)
+    assert store.delete(job_id=job_id, owner="b") == ("not_found", None)
+    outcome, job = store.delete(job_id=job_id, owner="a")
+    assert outcome == "not_finished" and job.status == "queued"
+    claim = store.claim_next(worker_id="w")
+    assert store.delete(job_id=job_id)[0] == "not_finished"  # running
+    store.finish(job_id=job_id, run_id=claim.run_id, status="succeeded", result={"x": 1}, artifact_sha256="a" * 64)
+    outcome, job = store.delete(job_id=job_id, owner="a")
+    assert outcome == "deleted" and job.id == job_id and job.status == "succeeded"
+    assert store.get(job_id=job_id) is None and store.delete(job_id=job_id) == ("not_found", None)
+
+
+def test_datasets_list_per_owner_and_are_deleted_unless_an_active_job_reads_them(store: JobStore) -> None:
+    made = [store.create_dataset(dataset_id=new_dataset_id(), owner="a", path=f"datasets/{i}.npz", size=10,
+                                 sha256="f" * 64, n=5, x_shape=[5, 64], has_labels=True) for i in range(3)]
+    store.create_dataset(dataset_id=new_dataset_id(), owner="b", path="datasets/b.npz", size=1, sha256="e" * 64,
+                         n=1, x_shape=[1, 2], has_labels=False)
+    page, count = store.list_datasets(owner="a", limit=2)
+    assert count == 3 and [d.id for d in page] == [made[2].id, made[1].id]
+    assert [d.id for d in store.list_datasets(owner="a", limit=2, offset=2)[0]] == [made[0].id]
+    ds = made[0]
+    job_id = new_job_id()
+    store.create(job_id=job_id, owner="a", config={}, model_path="m", data_path=ds.path, model_sha256="0" * 64,
+                 data_sha256="1" * 64, dataset_id=ds.id)
+    assert store.delete_dataset(dataset_id=ds.id, owner="b") == ("not_found", None)
+    assert store.delete_dataset(dataset_id=ds.id, owner="a")[0] == "in_use"  # queued
+    claim = store.claim_next(worker_id="w")
+    assert store.delete_dataset(dataset_id=ds.id, owner="a")[0] == "in_use"  # running
+    store.finish(job_id=job_id, run_id=claim.run_id, status="failed", error_code="x", error_message="y")
+    outcome, gone = store.delete_dataset(dataset_id=ds.id, owner="a")
+    assert outcome == "deleted" and gone.path == ds.path
+    assert store.get_dataset(dataset_id=ds.id) is None and store.get(job_id=job_id).status == "failed"
+
+
 def test_counts_by_status_lists_every_status(store: JobStore) -> None:
     add(store)
     counts = store.counts_by_status()

@@ -23,10 +23,12 @@ from test_store import (  # noqa: F401
     test_cancel_queued_is_immediate_running_is_requested,
     test_counts_by_status_lists_every_status,
     test_datasets_are_per_owner,
+    test_datasets_list_per_owner_and_are_deleted_unless_an_active_job_reads_them,
     test_graceful_requeue_does_not_count_an_attempt,
     test_interrupted_jobs_are_requeued_then_failed_after_max_attempts,
     test_list_is_newest_first_paginated_and_per_owner,
     test_live_workers_keep_their_jobs_until_the_heartbeat_goes_stale,
+    test_only_finished_jobs_are_deleted_and_only_by_their_owner,
     test_only_the_claiming_run_can_progress_or_finish,
 )
 

@@ -1,0 +1,111 @@
+"""Deleting finished jobs and stored datasets frees their storage; active ones are protected (409)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from service_harness import (
+    FAST_CONFIG,
+    KEY_A,
+    KEY_B,
+    REPO,
+    SLOW_CONFIG,
+    Inputs,
+    Server,
+    assert_error,
+    module_server,
+    submit,
+    wait_for,
+    wait_terminal,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from module_server(tmp_path_factory, api_keys=f"{KEY_A},{KEY_B}")
+
+
+def files_of(server: Server, job_id: str) -> list[str]:
+    folder = server.data_dir / "jobs" / job_id
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_a_finished_job_is_deleted_with_its_files(server: Server, a: httpx.Client, b: httpx.Client,
+                                                  inputs: Inputs) -> None:
+    job_id = submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+    assert wait_terminal(a, job_id, timeout=120)["status"] == "succeeded"
+    assert "artifact.pt" in files_of(server, job_id)
+    assert_error(b.delete(f"/v1/jobs/{job_id}"), 404, "job_not_found")  # another tenant cannot
+    assert a.get(f"/v1/jobs/{job_id}").status_code == 200
+    r = a.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 204 and r.content == b""
+    assert files_of(server, job_id) == []
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/artifact", f"/v1/jobs/{job_id}/report"):
+        assert_error(a.get(path), 404, "job_not_found")
+    assert job_id not in {j["id"] for j in a.get("/v1/jobs", params={"limit": 1000}).json()["data"]}
+    assert_error(a.delete(f"/v1/jobs/{job_id}"), 404, "job_not_found")  # twice: already gone
+
+
+def test_an_active_job_must_be_cancelled_before_it_is_deleted(server: Server, a: httpx.Client,
+                                                              inputs: Inputs) -> None:
+    job_id = submit(a, inputs.big_model, data=inputs.big_data, config=SLOW_CONFIG).json()["id"]
+    wait_for(a, job_id, lambda j: j["status"] == "running", 60, "the job to run")
+    r = a.delete(f"/v1/jobs/{job_id}")
+    assert_error(r, 409, "job_not_finished")
+    assert "cancel it first" in r.json()["error"]["message"]
+    assert a.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # untouched
+    assert a.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    assert wait_terminal(a, job_id, timeout=60)["status"] == "cancelled"
+    assert server.workers_left() == []
+    assert a.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert files_of(server, job_id) == []
+
+
+def test_datasets_are_listed_read_and_deleted_unless_in_use(server: Server, a: httpx.Client, b: httpx.Client,
+                                                            inputs: Inputs) -> None:
+    created = [a.post("/v1/datasets", files={"file": (f"d{i}.npz", inputs.data.read_bytes())}).json()
+               for i in range(2)]
+    big = a.post("/v1/datasets", files={"file": ("big.npz", inputs.big_data.read_bytes())}).json()
+    page = a.get("/v1/datasets", params={"limit": 2}).json()
+    assert page["count"] >= 3 and [d["id"] for d in page["data"]] == [big["id"], created[1]["id"]]  # newest first
+    assert a.get(f"/v1/datasets/{big['id']}").json() == big
+    assert b.get("/v1/datasets").json()["count"] == 0  # tenants see only their own
+    assert_error(b.get(f"/v1/datasets/{big['id']}"), 404, "dataset_not_found")
+    assert_error(b.delete(f"/v1/datasets/{big['id']}"), 404, "dataset_not_found")
+
+    # In use by a running job: refused; once the job is over: deleted, and the job's result stays.
+    job_id = submit(a, inputs.big_model, dataset=big["id"], config=SLOW_CONFIG).json()["id"]
+    wait_for(a, job_id, lambda j: j["status"] == "running", 60, "the job to run")
+    assert_error(a.delete(f"/v1/datasets/{big['id']}"), 409, "dataset_in_use")
+    assert a.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    assert wait_terminal(a, job_id, timeout=60)["status"] == "cancelled"
+    stored = server.data_dir / "datasets"
+    assert any(p.name.startswith(big["id"]) for p in stored.iterdir())
+    assert a.delete(f"/v1/datasets/{big['id']}").status_code == 204
+    assert not any(p.name.startswith(big["id"]) for p in stored.iterdir())
+    assert_error(a.get(f"/v1/datasets/{big['id']}"), 404, "dataset_not_found")
+    assert a.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    assert_error(submit(a, inputs.model, dataset=big["id"]), 404, "dataset_not_found")
+    # A finished job keeps its artifact after its dataset goes.
+    done = submit(a, inputs.model, dataset=created[0]["id"], config=FAST_CONFIG).json()["id"]
+    assert wait_terminal(a, done, timeout=120)["status"] == "succeeded"
+    assert a.delete(f"/v1/datasets/{created[0]['id']}").status_code == 204
+    r = a.get(f"/v1/jobs/{done}/artifact")
+    assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == r.headers["x-checksum-sha256"]
+
+
+def test_cli_delete(server: Server, a: httpx.Client, inputs: Inputs) -> None:
+    job_id = submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+    assert wait_terminal(a, job_id, timeout=120)["status"] == "succeeded"
+    cmd = [sys.executable, "-m", "service.cli", "delete", job_id, "--server", server.url, "--api-key", KEY_A]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and f"{job_id}: deleted" in run.stdout, run.stdout + run.stderr
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "job_not_found" in again.stdout + again.stderr
