@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         None, ge=1, description="Jobs run at once by one executor; default 1 on CPU, one per GPU."
     )
     cancel_grace_s: float = Field(5.0, ge=0, description="Time a cancelled worker gets to stop before it is killed.")
+    job_retention_s: float | None = Field(
+        None, gt=0, description="Finished jobs (row and files: uploaded model, data copy, artifact) are deleted this "
+        "long after they finished; default: kept until DELETE /v1/jobs/{id}. Stored datasets are never expired."
+    )
     heartbeat_timeout_s: float = Field(
         30.0, gt=0, description="A running job whose executor has not reported for this long is considered orphaned."
     )

@@ -378,6 +378,13 @@ class JobStore:
         now = self.get(job_id=job_id, owner=owner)  # changed meanwhile: deleted by another call, or requeued
         return ("not_found", None) if now is None else ("not_finished", now)
 
+    def finished_before(self, *, cutoff: datetime, limit: int = 100) -> list[str]:
+        """Ids of jobs that ended before ``cutoff``, oldest first (for retention)."""
+        stmt = (select(JobRow.id).where(JobRow.status.in_(TERMINAL), JobRow.finished_at < cutoff)
+                .order_by(JobRow.seq).limit(limit))
+        with self._session() as s:
+            return list(s.scalars(stmt))
+
     # -- jobs: executor / worker side -----------------------------------------------------
 
     def claim_next(self, *, worker_id: str) -> Claim | None:

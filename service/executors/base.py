@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ..settings import Settings
+from ..storage import Storage, job_dir
 from ..store import (
     CANCELLED,
     FAILED,
@@ -110,6 +111,7 @@ class DispatchingExecutor(ABC, Generic[RunT]):
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._runs: dict[str, RunT] = {}  # by job id
+        self._storage: Storage | None = None  # for retention, made on first use
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class DispatchingExecutor(ABC, Generic[RunT]):
                         last_heartbeat = now
                     if now - last_sweep >= SWEEP_EVERY_S:
                         self._recover()
+                        self._expire_finished()
                         last_sweep = now
                     self._claim_into_free_capacity()
                 except Exception:  # the dispatcher must survive a database (or cluster) hiccup
@@ -229,6 +232,20 @@ class DispatchingExecutor(ABC, Generic[RunT]):
         )
         for job_id, status in changed.items():
             self.log.warning("job %s was left running by an executor that is gone; now %s", job_id, status)
+
+    def _expire_finished(self) -> None:
+        """Retention (``job_retention_s``): delete jobs that finished long enough ago, row first, then files.
+        Several dispatchers may sweep at once: the store's conditional delete lets one of them win."""
+        if self.settings.job_retention_s is None:
+            return
+        for job_id in self.store.finished_before(cutoff=stale_cutoff(self.settings.job_retention_s)):
+            if self.store.delete(job_id=job_id)[0] != "deleted":
+                continue
+            if self._storage is None:
+                self._storage = Storage.from_settings(self.settings)
+            self._storage.remove_tree(job_dir(job_id))
+            self.log.info("job %s deleted: it finished more than %.0f s ago (CERTIPRUNE_JOB_RETENTION_S)",
+                          job_id, self.settings.job_retention_s)
 
     def _claim_into_free_capacity(self) -> None:
         while len(self._runs) < self._capacity() and not self._stop.is_set():

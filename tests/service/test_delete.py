@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -109,3 +110,20 @@ def test_cli_delete(server: Server, a: httpx.Client, inputs: Inputs) -> None:
     assert run.returncode == 0 and f"{job_id}: deleted" in run.stdout, run.stdout + run.stderr
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "job_not_found" in again.stdout + again.stderr
+
+
+def test_finished_jobs_expire_after_the_retention_period(make_server, inputs: Inputs) -> None:
+    server = make_server(job_retention_s=1)
+    with server.client() as c:
+        job_id = submit(c, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+        assert wait_terminal(c, job_id, timeout=120)["status"] == "succeeded"
+        assert "artifact.pt" in files_of(server, job_id)
+        slow = submit(c, inputs.big_model, data=inputs.big_data, config=SLOW_CONFIG).json()["id"]
+        deadline = time.monotonic() + 30  # one second of retention plus a sweep (every 5 s)
+        while c.get(f"/v1/jobs/{job_id}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert_error(c.get(f"/v1/jobs/{job_id}"), 404, "job_not_found")
+        assert files_of(server, job_id) == []
+        # A job that has not finished is never expired, however old.
+        assert c.get(f"/v1/jobs/{slow}").json()["status"] in ("queued", "running")
+        assert c.post(f"/v1/jobs/{slow}/cancel").status_code == 200
