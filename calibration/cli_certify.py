@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import BOUNDS, CRITERIA, PATTERNS, PROCEDURES, RISKS
+from .config import BOUNDS, CRITERIA, PATTERNS, PRECISIONS, PROCEDURES, RISKS
 from .errors import CalibrationError
 
 EXAMPLES = """examples:
@@ -56,6 +56,11 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="evaluation batch size (default 512)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to evaluate (default auto)")
     p.add_argument("--full-curve", action="store_true", help="evaluate every level, also after testing stopped")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="arithmetic of the evaluation, and so of the certified model (default fp32, exact; "
+                        "tf32/bf16/fp16 only on CUDA: the certificate is for the model run that way)")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="keep the dense model's BatchNorm statistics (default: re-estimate them on D_tune)")
     p.add_argument("--exclude-first-last", action="store_true",
                    help="never prune the first and the last prunable layer")
     p.add_argument("--reconstruct", action="store_true",
@@ -70,7 +75,7 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = json.loads(args.config) if args.config else {}
     for key in ("criterion", "scope", "risk", "epsilon", "delta", "bound", "procedure", "tune_fraction",
-                "seed", "batch_size", "device"):
+                "seed", "batch_size", "device", "precision"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
@@ -87,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["reconstruct"] = True
     if args.pattern:
         cfg["pattern"] = args.pattern
+    if args.no_bn_recalibration:
+        cfg["bn_recalibration"] = False
     return cfg
 
 

@@ -24,7 +24,7 @@ from .config import LABELLED_RISKS, CertifyConfig, validate_config
 from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
 from .errors import CancelledError, ConfigError, ModelError, exception_summary
-from .fast_eval import Predictor
+from .fast_eval import Predictor, effective_precision
 from .masks import NestedMasks, apply_masks, restore
 from .model import batchnorm_modules, find_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
@@ -155,13 +155,17 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
             "data, a larger ε or a finer grid at low sparsity may help.")
 
 
-def _method_label(criterion: str, cfg: CertifyConfig, reconstructed: bool) -> str:
-    """How the candidates were made, for the guarantee sentence."""
+def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool, precision: str,
+                  channels_last: bool) -> str:
+    """How the candidates were made and run, for the guarantee sentence (reduced precision: the certificate is
+    for the model run that way, and there the memory layout changes the rounding too)."""
     parts = [f"{criterion} scores, {cfg.scope} scope"]
     if cfg.pattern:
         parts.append(f"{cfg.pattern} semi-structured pattern")
     if reconstructed:
         parts.append("weights reconstructed on the tuning split")
+    if precision != "fp32":
+        parts.append(f"run in {precision}" + (" with channels-last memory layout" if channels_last else ""))
     return "; ".join(parts)
 
 
@@ -381,6 +385,7 @@ def certify(
             pruned_accuracy = tested_accuracy.get(chosen_level, pruned_accuracy)
         del tested_bn
 
+    precision = effective_precision(cfg.precision, device)  # reduced precisions exist on CUDA only
     layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
                "sparsity": z / w.numel} for w, z in zip(weights, zeroed_per_layer)]
     prunable = sum(w.numel for w in weights)
@@ -408,7 +413,8 @@ def certify(
         "layers": layers,
         "bn_recalibration": bn_status,
         "device": device.type,
-        "precision": cfg.precision,
+        "precision": precision,
+        "precision_requested": cfg.precision,
         "evaluator": predictor.describe(),
         "levels_evaluated": evaluated_levels,
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
@@ -417,8 +423,10 @@ def certify(
                            if isinstance(masks, PatternMasks) else None),
         "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
-                                        criterion=_method_label(best["criterion"], cfg,
-                                                                reconstructed=bool(reconstructor and reconstructor.hessians))),
+                                        criterion=_method_label(
+                                            best["criterion"], cfg,
+                                            reconstructed=bool(reconstructor and reconstructor.hessians),
+                                            precision=precision, channels_last=bool(predictor.channels_last))),
         "artifact_sha256": None,
     }
     if out is not None:

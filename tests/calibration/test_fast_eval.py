@@ -222,6 +222,7 @@ def test_cuda_bf16_certify_reestimates_bn_through_the_predictor_and_ships_the_te
                                                    "batch_size": 64, "seed": 2,
                                                    "sparsities": [0.0, 0.2, 0.4, 0.6, 0.8]}, out=out).result
     assert r["device"] == "cuda" and r["bn_recalibration"] == "on" and r["certified"], r
+    assert r["precision"] == "bf16" and "run in bf16" in r["guarantee"], r["guarantee"]
     ev = r["evaluator"]
     data = np.load(files["data_img"])
     split = split_tune_cal(len(data["y"]), 0.25, 2)
