@@ -308,9 +308,35 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    kind = "datasets" if args.id.startswith("ds_") else "jobs"
     with _client(args) as client:
-        _check(client.delete(f"/v1/jobs/{args.job_id}"))
-    print(f"{args.job_id}: deleted")
+        _check(client.delete(f"/v1/{kind}/{args.id}"))
+    print(f"{args.id}: deleted")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as client:
+        page = _check(client.get("/v1/datasets", params={"limit": args.limit, "offset": args.offset})).json()
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    shown = len(page["data"])
+    table = Table(title=f"{page['count']} dataset(s)" + (f", {shown} shown" if shown < page["count"] else ""),
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for name, justify in (("id", "left"), ("created (UTC)", "left"), ("samples", "right"), ("x shape", "left"),
+                          ("labels", "left"), ("bytes", "right"), ("sha256", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for ds in page["data"]:
+        table.add_row(ds["id"], (ds.get("created_at") or "")[:19].replace("T", " "), f"{ds['n']:,}",
+                      "×".join(str(d) for d in ds["x_shape"]), "yes" if ds["has_labels"] else "no",
+                      f"{ds['size']:,}" if ds.get("size") is not None else "", ds["sha256"][:12])
+    console.print(table)
     return 0
 
 
@@ -379,10 +405,16 @@ A queued job is cancelled at once; a running one stops at its next check (and is
 """,
     "delete": """examples:
   certiprune delete job_0123456789abcdef01234567
+  certiprune delete ds_0123456789abcdef01234567
   certiprune jobs --status failed --json | jq -r '.data[].id' | xargs -n1 certiprune delete
 
-Removes a finished job and its files (model, data copy, artifact) from the server; download the artifact first.
-Queued or running jobs must be cancelled first.
+A job_ id: removes a finished job and its files (model, data copy, artifact) from the server; download the
+artifact first. Queued or running jobs must be cancelled first. A ds_ id: removes a stored calibration set
+(refused while a queued or running job reads it).
+""",
+    "datasets": """examples:
+  certiprune datasets
+  certiprune datasets --json | jq -r '.data[].id'
 """,
 }
 
@@ -464,10 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(p)
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("delete", help="delete a finished job and its files on a server")
-    p.add_argument("job_id")
+    p = sub.add_parser("delete", help="delete a finished job (and its files) or a stored dataset on a server")
+    p.add_argument("id", help="a job_… or a ds_… id")
     _add_client_args(p)
     p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("datasets", help="list your stored calibration sets on a server")
+    p.add_argument("--limit", type=int, default=20, help="datasets per page (default 20, at most 1000)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many of the newest datasets")
+    p.add_argument("--json", action="store_true", help="print the API's JSON page instead of a table")
+    _add_client_args(p)
+    p.set_defaults(func=cmd_datasets)
 
     parser.epilog = EPILOGS["certiprune"]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -102,14 +103,25 @@ def test_datasets_are_listed_read_and_deleted_unless_in_use(server: Server, a: h
     assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == r.headers["x-checksum-sha256"]
 
 
-def test_cli_delete(server: Server, a: httpx.Client, inputs: Inputs) -> None:
+def cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args, "--server", server.url, "--api-key", KEY_A],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_lists_datasets_and_deletes_jobs_and_datasets(server: Server, a: httpx.Client, inputs: Inputs) -> None:
     job_id = submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
     assert wait_terminal(a, job_id, timeout=120)["status"] == "succeeded"
-    cmd = [sys.executable, "-m", "service.cli", "delete", job_id, "--server", server.url, "--api-key", KEY_A]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    run = cli(server, "delete", job_id)
     assert run.returncode == 0 and f"{job_id}: deleted" in run.stdout, run.stdout + run.stderr
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    again = cli(server, "delete", job_id)
     assert again.returncode != 0 and "job_not_found" in again.stdout + again.stderr
+    ds = a.post("/v1/datasets", files={"file": ("d.npz", inputs.data.read_bytes())}).json()
+    listed = cli(server, "datasets")
+    assert listed.returncode == 0 and ds["id"] in listed.stdout and f"{ds['n']:,}" in listed.stdout, listed.stdout
+    as_json = cli(server, "datasets", "--json", "--limit", "1")
+    assert [d["id"] for d in json.loads(as_json.stdout)["data"]] == [ds["id"]]
+    assert cli(server, "delete", ds["id"]).returncode == 0
+    assert ds["id"] not in cli(server, "datasets").stdout
 
 
 def test_finished_jobs_expire_after_the_retention_period(make_server, inputs: Inputs) -> None:

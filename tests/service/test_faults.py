@@ -125,7 +125,7 @@ def running_job(c: httpx.Client) -> dict | None:
 
 
 def test_killing_workers_and_the_api_loses_no_job(make_server, inputs: Inputs, tmp_path: Path) -> None:
-    """SIGKILL the worker 20 times (every fourth kill once the job computes, the others anywhere from
+    """SIGKILL the worker 20 times (every second kill once the job computes, the others anywhere from
     interpreter start-up on), then SIGKILL the API with jobs running and queued, and restart it."""
     data_dir = tmp_path / "data"
     settings = {"max_attempts": WORKER_KILLS + 5}  # even if every kill hits one job, it is retried
@@ -153,7 +153,7 @@ def test_killing_workers_and_the_api_loses_no_job(make_server, inputs: Inputs, t
             if not pids or job is None:
                 time.sleep(0.05)
                 continue
-            if kills % 4 == 3:  # in the middle of the computation
+            if kills % 2 == 1:  # in the middle of the computation
                 if job["progress"]["stage"] not in COMPUTE_STAGES:
                     time.sleep(0.05)
                     continue
@@ -208,7 +208,7 @@ def test_killing_workers_and_the_api_loses_no_job(make_server, inputs: Inputs, t
     assert not lost
     assert len(succeeded) + len(failed) == len(submitted)  # none queued, running or cancelled
     assert len(succeeded) == len(submitted)  # with attempts to spare, every job gets through
-    assert sum(stages[s] for s in COMPUTE_STAGES) >= WORKER_KILLS // 4
+    assert sum(stages[s] for s in COMPUTE_STAGES) >= WORKER_KILLS // 2
 
 
 # -- resource exhaustion inside the sandbox (hostile_models: tests/service/conftest.py) ---------
