@@ -39,7 +39,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -388,16 +388,25 @@ class JobStore:
     # -- jobs: executor / worker side -----------------------------------------------------
 
     def claim_next(self, *, worker_id: str) -> Claim | None:
-        """Atomically move the oldest queued job to running; None when the queue is empty.
+        """Atomically move the next queued job to running; None when the queue is empty.
+
+        Next = fair between API keys, FIFO within one: the owner with the fewest running jobs first,
+        then the owner served least recently (never served first), then the oldest job. One key
+        that queues a hundred jobs cannot starve another key's one job, even with a single slot.
 
         Compare-and-set: the UPDATE only matches while the row is still queued, so when two
         executors race for one job exactly one sees rowcount 1; the other tries the next job.
         On PostgreSQL the candidate is read ``FOR UPDATE SKIP LOCKED``: a racing claimer skips the
         row being claimed and takes the next one instead of waiting for it.
         """
+        mine = aliased(JobRow)
+        running = (select(func.count()).select_from(mine)
+                   .where(mine.owner == JobRow.owner, mine.status == RUNNING).scalar_subquery())
+        last_served = select(func.max(mine.started_at)).where(mine.owner == JobRow.owner).scalar_subquery()
         for _ in range(20):
             with self._session() as s:
-                oldest = select(JobRow.id).where(JobRow.status == QUEUED).order_by(JobRow.seq).limit(1)
+                oldest = (select(JobRow.id).where(JobRow.status == QUEUED)
+                          .order_by(running, last_served.asc().nulls_first(), JobRow.seq).limit(1))
                 if self._skip_locked:
                     oldest = oldest.with_for_update(skip_locked=True)
                 candidate = s.scalar(oldest)

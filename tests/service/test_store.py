@@ -190,3 +190,22 @@ def test_counts_by_status_lists_every_status(store: JobStore) -> None:
     counts = store.counts_by_status()
     assert counts["queued"] == 1 and counts["running"] == 0 and set(counts) == {
         "queued", "running", "succeeded", "failed", "cancelled"}
+
+
+def test_claims_are_fair_between_owners_and_fifo_within_one(store: JobStore) -> None:
+    """A key that queued many jobs does not starve another key: with one slot the owners alternate,
+    with several the owner with fewer running jobs goes first; one owner's jobs stay in order."""
+    a_jobs = [add(store, owner="a") for _ in range(3)]
+    b_job = add(store, owner="b")
+    first = store.claim_next(worker_id="w")
+    assert first.job_id == a_jobs[0]  # nobody served yet: the oldest job
+    store.finish(job_id=first.job_id, run_id=first.run_id, status="succeeded", result={}, artifact_sha256="0" * 64)
+    second = store.claim_next(worker_id="w")
+    assert second.job_id == b_job  # one slot: b has never been served, a just was
+    store.finish(job_id=second.job_id, run_id=second.run_id, status="succeeded", result={}, artifact_sha256="0" * 64)
+    assert store.claim_next(worker_id="w").job_id == a_jobs[1]  # b's queue is empty: a in order
+    # Several slots: b's new job overtakes a's queued one while a already runs one.
+    b_again = add(store, owner="b")
+    assert store.claim_next(worker_id="w").job_id == b_again
+    assert store.claim_next(worker_id="w").job_id == a_jobs[2]
+    assert store.claim_next(worker_id="w") is None

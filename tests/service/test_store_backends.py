@@ -21,6 +21,7 @@ from test_store import (  # noqa: F401
     test_a_stale_run_is_told_to_stop,
     test_an_interrupted_job_with_a_cancel_request_ends_cancelled,
     test_cancel_queued_is_immediate_running_is_requested,
+    test_claims_are_fair_between_owners_and_fifo_within_one,
     test_counts_by_status_lists_every_status,
     test_datasets_are_per_owner,
     test_datasets_list_per_owner_and_are_deleted_unless_an_active_job_reads_them,
