@@ -29,6 +29,7 @@ from .masks import NestedMasks, apply_masks, restore
 from .model import batchnorm_modules, find_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
+from .planning import samples_needed
 from .procedures import get_procedure, split_delta
 from .reconstruct import Reconstructor
 from .risks import empirical_risk, per_sample_losses
@@ -167,6 +168,26 @@ def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool, pr
     if precision != "fp32":
         parts.append(f"run in {precision}" + (" with channels-last memory layout" if channels_last else ""))
     return "; ".join(parts)
+
+
+def _more_data(best: dict[str, Any], grid: Any, failed_losses: dict[tuple[str, int], np.ndarray], *, bound: str,
+               risk: str, epsilon: float, alpha: float) -> dict[str, Any] | None:
+    """For the first tested level above λ̂ that was not rejected: the calibration size that would likely
+    certify it at its observed risk (``planning.samples_needed``; an estimate, not a guarantee)."""
+    levels = best["levels"]
+    above = max((j for j, lvl in enumerate(levels) if lvl["rejected"]), default=-1)
+    nxt = next((j for j in range(above + 1, len(levels)) if (best["criterion"], j) in failed_losses), None)
+    if nxt is None:
+        return None
+    losses = failed_losses[(best["criterion"], nxt)]
+    needed = samples_needed(bound, risk, losses, epsilon, alpha)
+    return {"sparsity": float(grid[nxt]), "empirical_risk": levels[nxt]["empirical_risk"],
+            "p_value": levels[nxt]["p_value"], "n_calibration": int(losses.shape[0]),
+            "n_calibration_needed": needed,
+            "note": ("An estimate for planning: the calibration samples that would likely certify this level if "
+                     "its losses kept the frequencies seen here. Not part of the guarantee."
+                     if needed is not None else
+                     "At the risk observed here, more calibration data alone would not certify this level.")}
 
 
 def _sha256(path: Path) -> str:
@@ -308,6 +329,7 @@ def certify(
         # could round differently on a GPU) and no extra pass is needed for its accuracy.
         tested_bn: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         tested_accuracy: dict[tuple[str, int], float] = {}
+        failed_losses: dict[tuple[str, int], np.ndarray] = {}  # levels a test did not reject: for `more_data`
         # Traced graphs bake eval mode into their BN calls: re-estimate through a rewritten copy (momentum 1).
         bn_train_forward = batchnorm.train_mode_forward(module) if use_bn else None
         bn_momentum = None if bn_train_forward is None else 1.0
@@ -351,6 +373,8 @@ def certify(
                     risk_hat = float(empirical_risk(losses))
                     ucb = float(upper_confidence_bound(bound, risk, losses, delta_each))
                     evaluated_levels += 1
+                    if p > procedure.level_alpha(delta_each, n_levels):
+                        failed_losses[(name, j)] = losses
                 p_values[j] = p
                 if procedure.stops_early and p > delta_each:
                     stopped = True
@@ -374,6 +398,9 @@ def certify(
         masks = masks_by_criterion[best["criterion"]]
         zeroed_per_layer = masks.zeroed_per_layer(certified_sparsity)
         pruned_accuracy = dense_accuracy
+        more_data = _more_data(best, grids[best["criterion"]], failed_losses, bound=bound, risk=risk,
+                               epsilon=cfg.epsilon, alpha=procedure.level_alpha(delta_each, len(grids[best["criterion"]])))
+        del failed_losses
         if certified:
             chosen_level = (best["criterion"], grids[best["criterion"]].index(certified_sparsity))
             keep = masks.keep_masks(certified_sparsity)
@@ -418,6 +445,7 @@ def certify(
         "evaluator": predictor.describe(),
         "levels_evaluated": evaluated_levels,
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
+        "more_data": more_data,
         "pattern": cfg.pattern,
         "pattern_layers": ([weights[i].name for i in masks.made_two_four(certified_sparsity)]
                            if isinstance(masks, PatternMasks) else None),

@@ -60,6 +60,10 @@ class Procedure(ABC):
         out = np.asarray(self._reject(p, d), dtype=bool)
         return out & ~np.isnan(p)
 
+    def level_alpha(self, delta: float, n_levels: int) -> float:
+        """The p-value at or below which one more level would be rejected (what a level must reach)."""
+        return _delta(delta)
+
     def continues(self, p_value: float, delta: float) -> bool:
         """Whether testing should go on to the next level after seeing ``p_value``."""
         return (not self.stops_early) or (not math.isnan(p_value) and p_value <= _delta(delta))
@@ -106,6 +110,9 @@ class Bonferroni(Procedure):
 
     def _reject(self, p: np.ndarray, delta: float) -> np.ndarray:
         return p <= delta / p.size
+
+    def level_alpha(self, delta: float, n_levels: int) -> float:
+        return _delta(delta) / max(1, n_levels)
 
 
 PROCEDURES: dict[str, type[Procedure]] = {cls.name: cls for cls in (FixedSequence, Bonferroni)}

@@ -33,6 +33,12 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
                                                 if reconstruction.get("unavailable") else
                                                 f"{len(reconstruction['layers'])} layers, {len(reconstruction['skipped'])} "
                                                 "masked only"))
+    more = result.get("more_data")
+    if more:
+        needed = more.get("n_calibration_needed")
+        lines.append(f"next level         : {_pct(more['sparsity'])} not certified at n = {more['n_calibration']:,}; "
+                     + (f"≈ {needed:,} calibration samples would likely certify it (an estimate, not a guarantee)"
+                        if needed else "its observed risk is too high for more data to help"))
     if len(result.get("criteria", [])) > 1:
         lines.append("per criterion      : " + ", ".join(
             f"{c['criterion']} {_pct(c['certified_sparsity'])} (δ={c['delta']:.3g})" for c in result["criteria"]))

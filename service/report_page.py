@@ -384,6 +384,14 @@ def _settings_table(result: dict[str, Any]) -> str:
                 else f"{len(rec.get('layers') or [])} layers reconstructed on the tuning split, "
                      f"{len(rec.get('skipped') or {})} masked only")
         body += f"<tr><th>reconstruction</th><td>{e(what)}</td></tr>"
+    more = result.get("more_data")
+    if isinstance(more, dict) and _num(more.get("sparsity")) is not None:
+        needed = more.get("n_calibration_needed")
+        what = (f"{_pct(more['sparsity'])} was not certified with {_fmt(more.get('n_calibration'))} samples; "
+                + (f"about {needed:,} would likely certify it at its observed risk (an estimate for planning, "
+                   "not part of the guarantee)" if isinstance(needed, int) else
+                   "at its observed risk, more data alone would not certify it"))
+        body += f"<tr><th>next level</th><td>{e(what)}</td></tr>"
     total_s = _num((result.get("timings") or {}).get("total_s")) if isinstance(result.get("timings"), dict) else None
     if total_s is not None:
         body += f"<tr><th>time</th><td>{total_s:.1f} s</td></tr>"

@@ -191,3 +191,30 @@ def test_cli_precision_and_bn_flags_reach_the_result(files, tmp_path):
     # Reduced precisions exist on CUDA only: on the CPU the model was run, and so certified, in fp32.
     assert result["precision"] == result["evaluator"]["effective_precision"] == "fp32"
     assert "run in" not in result["guarantee"]
+
+
+def test_the_level_that_stopped_the_test_gets_a_calibration_size_estimate(files):
+    """Fixed sequence stops at the first non-rejected level; the result says how many calibration samples
+    would likely certify it (checked with scipy's binomial tail on its recorded counts) or that none would."""
+    from scipy import stats
+
+    cfg = {"sparsities": [round(0.05 * i, 2) for i in range(1, 20)], "epsilon": 0.05, "risk": "disagreement",
+           "seed": 4}
+    r = certify(files["mlp"], files["data_flat"], cfg).result
+    more = r["more_data"]
+    stop = next(lv for lv in r["levels"] if lv["evaluated"] and not lv["rejected"])
+    assert more["sparsity"] == stop["sparsity"] and more["n_calibration"] == r["n_calibration"]
+    needed = more["n_calibration_needed"]
+    if stop["empirical_risk"] >= cfg["epsilon"]:
+        assert needed is None and "would not certify" in more["note"]
+    else:
+        k = round(stop["empirical_risk"] * r["n_calibration"])
+        assert needed > r["n_calibration"] and "not part of the guarantee" in more["note"].lower()
+        # At the observed frequency the binomial tail at the estimate is below δ, and it was not at n.
+        assert stats.binom.cdf(int(k * needed / r["n_calibration"]), needed, 0.05) <= 0.1 * 1.5
+        assert stats.binom.cdf(k, r["n_calibration"], 0.05) > 0.1
+    from calibration.report import format_summary
+
+    assert "next level" in format_summary(r)
+    everything = certify(files["mlp"], files["data_flat"], {"sparsities": [0.05], "epsilon": 0.5}).result
+    assert everything["certified"] and everything["more_data"] is None  # nothing failed: nothing to plan

@@ -191,3 +191,14 @@ def test_reconstruction_is_described_and_its_fallback_explained() -> None:
     assert "unavailable, plain masks: this graph could not be probed" in fallback
     assert "<img" not in fallback.lower()  # the reason is escaped like everything else
     assert "reconstruction" not in render_report("job_1", make_result())
+
+
+def test_the_next_level_estimate_is_shown_as_an_estimate() -> None:
+    more = {"sparsity": 0.75, "empirical_risk": 0.042, "p_value": 0.17, "n_calibration": 897,
+            "n_calibration_needed": 1593, "note": "x"}
+    page = render_report("job_1", make_result(more_data=more))
+    assert "75.00% was not certified with 897 samples; about 1,593 would likely certify it" in page
+    assert "not part of the guarantee" in page
+    hopeless = render_report("job_1", make_result(more_data={**more, "n_calibration_needed": None}))
+    assert "more data alone would not certify it" in hopeless
+    assert "next level" not in render_report("job_1", make_result())
