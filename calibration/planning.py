@@ -16,27 +16,34 @@ from .p_values import p_value
 
 
 def samples_needed(bound: str, risk: str, losses: np.ndarray, epsilon: float, alpha: float,
-                   *, max_factor: int = 64, step: float = 1.02) -> int | None:
+                   *, max_factor: int = 64, step: float = 1.02, settle: float = 1.25) -> int | None:
     """Calibration size from which the test keeps rejecting this level, at the observed loss frequencies.
 
     ``losses``: one level's per-sample losses on D_cal, shape (n,), in D_cal's order; m samples are
     the sequence repeated (``np.resize``: the same frequencies, and the same order for wsr). Sizes
-    m = n · step^i up to ``max_factor`` × n are tried; the answer is the smallest from which every
-    larger one rejects (integer counts make p(m) saw-toothed, so a first dip below ``alpha`` would
-    promise too much; between grid sizes a failure can hide, so read it as ± 10 %). None when ``max_factor`` × n does not reject: typically the observed risk is
-    not below ε, and then no amount of data certifies.
+    m = n · step^i are tried in ascending order; the answer is the first from which every size up to
+    ``settle`` × m rejects too (integer counts make p(m) saw-toothed, so a first dip below ``alpha``
+    would promise too much; a failure can still hide between grid sizes, so read it as ± 10 %). The
+    scan stops there, so its cost grows with the answer, not with ``max_factor``. None when no size
+    up to ``max_factor`` × n settles: typically the observed risk is not below ε, and then no
+    amount of data certifies.
     """
     arr = np.asarray(losses)
     n = int(arr.shape[0])
     if n == 0:
         return None
-    sizes = sorted({int(round(n * step ** i)) for i in range(int(np.ceil(np.log(max_factor) / np.log(step))) + 1)})
-    sizes = [m for m in sizes if m <= max_factor * n]
-    rejects = [p_value(bound, risk, np.resize(arr, m), epsilon) <= alpha for m in sizes]
-    if not rejects[-1]:
-        return None
-    last_fail = max((i for i, r in enumerate(rejects) if not r), default=-1)
-    return sizes[last_fail + 1]
+    first_ok: int | None = None
+    m = float(n)
+    while m <= max_factor * n:
+        size = int(round(m))
+        if p_value(bound, risk, np.resize(arr, size), epsilon) <= alpha:
+            first_ok = size if first_ok is None else first_ok
+            if size >= settle * first_ok:
+                return first_ok
+        else:
+            first_ok = None
+        m = max(m * step, m + 1)
+    return first_ok if first_ok is not None and first_ok * settle > max_factor * n else None
 
 
 __all__ = ["samples_needed"]
