@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         None, ge=1, description="Jobs run at once by one executor; default 1 on CPU, one per GPU."
     )
     cancel_grace_s: float = Field(5.0, ge=0, description="Time a cancelled worker gets to stop before it is killed.")
+    max_active_jobs_per_key: int | None = Field(
+        None, ge=1, description="Queued plus running jobs one API key may have; more are refused (429) until one "
+        "ends. Default: no limit."
+    )
     job_retention_s: float | None = Field(
         None, gt=0, description="Finished jobs (row and files: uploaded model, data copy, artifact) are deleted this "
         "long after they finished; default: kept until DELETE /v1/jobs/{id}. Stored datasets are never expired."

@@ -378,6 +378,13 @@ class JobStore:
         now = self.get(job_id=job_id, owner=owner)  # changed meanwhile: deleted by another call, or requeued
         return ("not_found", None) if now is None else ("not_finished", now)
 
+    def count_active(self, *, owner: str) -> int:
+        """Queued and running jobs of ``owner`` (for the per-key quota)."""
+        stmt = select(func.count()).select_from(JobRow).where(JobRow.owner == owner,
+                                                              JobRow.status.in_((QUEUED, RUNNING)))
+        with self._session() as s:
+            return int(s.scalar(stmt) or 0)
+
     def finished_before(self, *, cutoff: datetime, limit: int = 100) -> list[str]:
         """Ids of jobs that ended before ``cutoff``, oldest first (for retention)."""
         stmt = (select(JobRow.id).where(JobRow.status.in_(TERMINAL), JobRow.finished_at < cutoff)

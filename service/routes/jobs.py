@@ -121,7 +121,8 @@ def _remove_request_files(storage: Storage, base: str, job_folder: str) -> None:
                         **AUTH, 404: {"model": ErrorBody, "description": "No such dataset for this API key."},
                         413: {"model": ErrorBody, "description": "The upload is larger than the server accepts."},
                         422: {"model": ErrorBody, "description": "Bad model, data, config or parameters; the code "
-                                                                 "names the problem."}})
+                                                                 "names the problem."},
+                        429: {"model": ErrorBody, "description": "This API key has as many active jobs as allowed."}})
 async def create_job(
     response: Response,
     owner: OwnerDep,
@@ -177,6 +178,14 @@ async def create_job(
             request = await run_in_threadpool(_upload_fingerprint, cfg.to_dict(), model, data, dataset, uncertainty,
                                               existing, limit, settings.allowed_dataset_roots)
             return await run_in_threadpool(_replay, storage, existing, request, response)
+    quota = settings.max_active_jobs_per_key
+    if quota is not None:
+        active = await run_in_threadpool(lambda: store.count_active(owner=owner))
+        if active >= quota:
+            raise ApiError(429, "too_many_active_jobs",
+                           f"This API key already has {active} queued or running job(s), the most this server "
+                           f"allows (CERTIPRUNE_MAX_ACTIVE_JOBS_PER_KEY={quota}). Wait for one to finish, or "
+                           "cancel one, and submit again.", headers={"Retry-After": "30"})
 
     dataset_id: str | None = None
     unc_sha: str | None = None

@@ -1,4 +1,5 @@
-"""Deleting finished jobs and stored datasets frees their storage; active ones are protected (409)."""
+"""Job and dataset lifecycle: deleting finished jobs and stored datasets frees their storage (active ones are
+protected, 409), finished jobs expire after the retention period, and a key over its active-job quota gets 429."""
 
 from __future__ import annotations
 
@@ -139,3 +140,16 @@ def test_finished_jobs_expire_after_the_retention_period(make_server, inputs: In
         # A job that has not finished is never expired, however old.
         assert c.get(f"/v1/jobs/{slow}").json()["status"] in ("queued", "running")
         assert c.post(f"/v1/jobs/{slow}/cancel").status_code == 200
+
+
+def test_a_key_over_its_active_job_quota_gets_429_until_one_ends(make_server, inputs: Inputs) -> None:
+    server = make_server(api_keys=f"{KEY_A},{KEY_B}", max_active_jobs_per_key=2, executor="none")
+    with server.client(KEY_A) as a, server.client(KEY_B) as b:
+        ids = [submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"] for _ in range(2)]
+        r = submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG)
+        assert_error(r, 429, "too_many_active_jobs")
+        assert r.headers["retry-after"] == "30" and "CERTIPRUNE_MAX_ACTIVE_JOBS_PER_KEY=2" in r.json()["error"]["message"]
+        assert submit(b, inputs.model, data=inputs.data, config=FAST_CONFIG).status_code == 202  # per key
+        assert a.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
+        assert submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).status_code == 202
+    assert len(list((server.data_dir / "jobs").iterdir())) == 4  # the refused request stored nothing
