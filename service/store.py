@@ -30,6 +30,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    case,
     create_engine,
     delete,
     event,
@@ -406,19 +407,16 @@ class JobStore:
         On PostgreSQL the candidate is read ``FOR UPDATE SKIP LOCKED``: a racing claimer skips the
         row being claimed and takes the next one instead of waiting for it.
         """
-        mine = aliased(JobRow)
-        running = (select(func.count()).select_from(mine)
-                   .where(mine.owner == JobRow.owner, mine.status == RUNNING).scalar_subquery())
-        last_served = select(func.max(mine.started_at)).where(mine.owner == JobRow.owner).scalar_subquery()
         for _ in range(20):
             with self._session() as s:
-                oldest = (select(JobRow.id).where(JobRow.status == QUEUED)
-                          .order_by(running, last_served.asc().nulls_first(), JobRow.seq).limit(1))
-                if self._skip_locked:
-                    oldest = oldest.with_for_update(skip_locked=True)
-                candidate = s.scalar(oldest)
-                if candidate is None:
+                owner = s.scalar(self._next_owner())
+                if owner is None:
                     return None
+                candidate = s.scalar(self._oldest_queued(owner))
+                if candidate is None:  # that owner's queued jobs are being claimed by others right now
+                    candidate = s.scalar(self._oldest_queued(None))
+                    if candidate is None:
+                        return None
                 now = utcnow()
                 run_id = uuid.uuid4().hex
                 res = s.execute(
@@ -431,6 +429,29 @@ class JobStore:
                 if res.rowcount == 1:
                     return Claim(job_id=candidate, run_id=run_id)
         return None
+
+    def _oldest_queued(self, owner: str | None) -> Any:
+        stmt = select(JobRow.id).where(JobRow.status == QUEUED)
+        if owner is not None:
+            stmt = stmt.where(JobRow.owner == owner)
+        stmt = stmt.order_by(JobRow.seq).limit(1)
+        return stmt.with_for_update(skip_locked=True) if self._skip_locked else stmt
+
+    @staticmethod
+    def _next_owner() -> Any:
+        """The owner whose turn it is: fewest running jobs, then least recently served, then the oldest
+        queued job. Grouped over active jobs only (and one indexed max per active owner), so a long
+        queue costs one pass, not a pass per queued job."""
+        is_running = case((JobRow.status == RUNNING, 1), else_=0)
+        is_queued = case((JobRow.status == QUEUED, 1), else_=0)
+        active = (select(JobRow.owner.label("owner"), func.sum(is_running).label("running"),
+                         func.sum(is_queued).label("queued"),
+                         func.min(case((JobRow.status == QUEUED, JobRow.seq))).label("first_queued"))
+                  .where(JobRow.status.in_((QUEUED, RUNNING))).group_by(JobRow.owner).subquery())
+        mine = aliased(JobRow)
+        last_served = select(func.max(mine.started_at)).where(mine.owner == active.c.owner).scalar_subquery()
+        return (select(active.c.owner).where(active.c.queued > 0)
+                .order_by(active.c.running, last_served.asc().nulls_first(), active.c.first_queued).limit(1))
 
     def update_progress(
         self, *, job_id: str, run_id: str, stage: str, done: int, total: int, message: str | None = None
