@@ -26,6 +26,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    Index,
     Integer,
     String,
     Text,
@@ -80,6 +81,8 @@ class Base(DeclarativeBase):
 
 class JobRow(Base):
     __tablename__ = "jobs"
+    # Fair claims (JobStore._next_owner) ask each active owner when it was last served.
+    __table_args__ = (Index("ix_jobs_owner_started_at", "owner", "started_at"),)
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # FIFO / newest-first order
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)

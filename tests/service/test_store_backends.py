@@ -178,3 +178,23 @@ def test_placement_is_recorded_only_by_the_current_run(store: JobStore) -> None:
     store.requeue_run(job_id=job_id, run_id=claim.run_id, message="shutdown")
     store.claim_next(worker_id="w")
     assert store.get(job_id=job_id).placement is None  # a new run starts without the old one's placement
+
+
+def test_a_store_at_an_older_revision_is_upgraded_in_place(store_url: str) -> None:
+    """0001 → head (the fair-claims index) on a database that already holds a job, which survives."""
+    engine = make_engine(store_url)
+    upgrade(engine, "0001")
+    assert current_revision(engine) == "0001"
+    with engine.connect() as conn:
+        assert any("ix_jobs_owner_started_at" in str(d) for d in schema_diff(conn))  # what 0002 adds
+    old = JobStore(engine)
+    job_id = new_job_id()
+    old.create(job_id=job_id, owner="a", config={}, model_path="m", data_path="d", model_sha256="0" * 64,
+               data_sha256="1" * 64)
+    store = JobStore.from_url(store_url)
+    assert current_revision(engine) == head_revision() == "0002"
+    with engine.connect() as conn:
+        assert schema_diff(conn) == []
+    assert store.claim_next(worker_id="w").job_id == job_id
+    store.close()
+    engine.dispose()
