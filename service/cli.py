@@ -254,24 +254,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
+def _fetch_page(args: argparse.Namespace, path: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """One page of a list route; printed as JSON (and None returned) with --json."""
+    with _client(args) as client:
+        page = _check(client.get(path, params={"limit": args.limit, "offset": args.offset, **params})).json()
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return None
+    return page
+
+
+def _page_table(page: dict[str, Any], noun: str) -> tuple[Any, Any]:
+    """A console and an empty table titled with the page's count, for ``certiprune jobs`` / ``datasets``."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    params: dict[str, Any] = {"limit": args.limit, "offset": args.offset}
-    if args.status:
-        params["status"] = args.status
-    with _client(args) as client:
-        page = _check(client.get("/v1/jobs", params=params)).json()
-    if args.json:
-        print(json.dumps(page, indent=2))
-        return 0
     # Piped output is never wrapped: ids are copied into other commands and grepped for.
     console = Console() if sys.stdout.isatty() else Console(width=240)
     shown = len(page["data"])
-    table = Table(title=f"{page['count']} job(s)" + (f", {shown} shown" if shown < page["count"] else ""),
+    table = Table(title=f"{page['count']} {noun}(s)" + (f", {shown} shown" if shown < page["count"] else ""),
                   box=box.SIMPLE_HEAD, title_justify="left")
+    return console, table
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    page = _fetch_page(args, "/v1/jobs", {"status": args.status} if args.status else {})
+    if page is None:
+        return 0
+    console, table = _page_table(page, "job")
+    shown = len(page["data"])
     table.add_column("id", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)
@@ -316,19 +328,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    with _client(args) as client:
-        page = _check(client.get("/v1/datasets", params={"limit": args.limit, "offset": args.offset})).json()
-    if args.json:
-        print(json.dumps(page, indent=2))
+    page = _fetch_page(args, "/v1/datasets", {})
+    if page is None:
         return 0
-    console = Console() if sys.stdout.isatty() else Console(width=240)
-    shown = len(page["data"])
-    table = Table(title=f"{page['count']} dataset(s)" + (f", {shown} shown" if shown < page["count"] else ""),
-                  box=box.SIMPLE_HEAD, title_justify="left")
+    console, table = _page_table(page, "dataset")
     for name, justify in (("id", "left"), ("created (UTC)", "left"), ("samples", "right"), ("x shape", "left"),
                           ("labels", "left"), ("bytes", "right"), ("sha256", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]

@@ -329,17 +329,18 @@ class JobStore:
         self, *, owner: str | None, limit: int = 20, offset: int = 0, status: str | None = None
     ) -> tuple[list[Job], int]:
         """Newest first; returns (page, total count)."""
-        stmt = select(JobRow)
-        count_stmt = select(func.count()).select_from(JobRow)
+        where = [JobRow.status == status] if status is not None else []
+        return self._page(JobRow, Job, owner=owner, where=where, limit=limit, offset=offset)
+
+    def _page(self, row: Any, snapshot: Any, *, owner: str | None, where: list[Any], limit: int,
+              offset: int) -> tuple[list[Any], int]:
+        """One page of ``row`` (newest first, optionally one owner's) as ``snapshot`` objects, and the total."""
         if owner is not None:
-            stmt = stmt.where(JobRow.owner == owner)
-            count_stmt = count_stmt.where(JobRow.owner == owner)
-        if status is not None:
-            stmt = stmt.where(JobRow.status == status)
-            count_stmt = count_stmt.where(JobRow.status == status)
-        stmt = stmt.order_by(JobRow.seq.desc()).limit(limit).offset(offset)
+            where = [*where, row.owner == owner]
+        stmt = select(row).where(*where).order_by(row.seq.desc()).limit(limit).offset(offset)
+        count_stmt = select(func.count()).select_from(row).where(*where)
         with self._session() as s:
-            rows = [Job.from_row(r) for r in s.scalars(stmt)]
+            rows = [snapshot.from_row(r) for r in s.scalars(stmt)]
             return rows, int(s.scalar(count_stmt) or 0)
 
     def request_cancel(self, *, job_id: str, owner: str | None = None) -> Job | None:
@@ -626,15 +627,7 @@ class JobStore:
 
     def list_datasets(self, *, owner: str | None, limit: int = 20, offset: int = 0) -> tuple[list[Dataset], int]:
         """Newest first; returns (page, total count)."""
-        stmt = select(DatasetRow)
-        count_stmt = select(func.count()).select_from(DatasetRow)
-        if owner is not None:
-            stmt = stmt.where(DatasetRow.owner == owner)
-            count_stmt = count_stmt.where(DatasetRow.owner == owner)
-        stmt = stmt.order_by(DatasetRow.seq.desc()).limit(limit).offset(offset)
-        with self._session() as s:
-            rows = [Dataset.from_row(r) for r in s.scalars(stmt)]
-            return rows, int(s.scalar(count_stmt) or 0)
+        return self._page(DatasetRow, Dataset, owner=owner, where=[], limit=limit, offset=offset)
 
     def delete_dataset(self, *, dataset_id: str, owner: str | None = None) -> tuple[str, Dataset | None]:
         """("deleted", ds), ("in_use", ds) while a queued or running job reads it, or ("not_found", None)."""
