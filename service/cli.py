@@ -351,6 +351,13 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("CERTIPRUNE_API_KEY"), help="API key (env CERTIPRUNE_API_KEY)")
 
 
+def _add_page_args(p: argparse.ArgumentParser, noun: str) -> None:
+    p.add_argument("--limit", type=int, default=20, help=f"{noun} per page (default 20, at most 1000)")
+    p.add_argument("--offset", type=int, default=0, help=f"skip this many of the newest {noun}")
+    p.add_argument("--json", action="store_true", help="print the API's JSON page instead of a table")
+    _add_client_args(p)
+
+
 EPILOGS = {
     "certiprune": """examples:
   certiprune certify model.pt --data cal.npz --out pruned.pt --report report.json   # offline, no server
@@ -486,12 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list jobs on a server, newest first")
-    p.add_argument("--limit", type=int, default=20, help="jobs per page (default 20, at most 1000)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many of the newest jobs")
+    _add_page_args(p, "jobs")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"],
                    help="only jobs in this status")
-    p.add_argument("--json", action="store_true", help="print the API's JSON page instead of a table")
-    _add_client_args(p)
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("cancel", help="cancel a job on a server")
@@ -505,10 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("datasets", help="list your stored calibration sets on a server")
-    p.add_argument("--limit", type=int, default=20, help="datasets per page (default 20, at most 1000)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many of the newest datasets")
-    p.add_argument("--json", action="store_true", help="print the API's JSON page instead of a table")
-    _add_client_args(p)
+    _add_page_args(p, "datasets")
     p.set_defaults(func=cmd_datasets)
 
     parser.epilog = EPILOGS["certiprune"]
