@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -327,25 +328,57 @@ def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDe
             responses={200: {"content": {"application/octet-stream": {}}}, **AUTH, **NOT_FOUND,
                        409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},
                        410: {"model": ErrorBody, "description": "The artifact is no longer stored."}, **INVALID})
-def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep) -> Response:
-    """The pruned TorchScript archive; verify it against the X-Checksum-SHA256 header."""
+def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep,
+                 accept_encoding: Annotated[str | None, Header()] = None) -> Response:
+    """The pruned TorchScript archive; verify it against the X-Checksum-SHA256 header (of the file itself).
+
+    Sent gzip-compressed when the client accepts it (browsers, httpx, ``curl --compressed``): the
+    zeros of a pruned model compress well, and clients decode it transparently.
+    """
     job = _get_or_404(store, job_id, owner)
     _require_succeeded(job, "artifact")
     relpath = f"{job_dir(job_id)}/artifact.pt"
     if not storage.exists(relpath):
         raise ApiError(410, "artifact_missing", f"The artifact of job {job_id} is no longer in storage.")
-    headers = {"X-Checksum-SHA256": job.artifact_sha256 or ""}
     filename = f"{job_id}-pruned.pt"
-    if storage.is_local:
+    headers = {"X-Checksum-SHA256": job.artifact_sha256 or "", "Vary": "Accept-Encoding"}
+    gzip = accepts_gzip(accept_encoding)
+    if storage.is_local and not gzip:
         return FileResponse(storage.local_path(relpath), media_type="application/octet-stream", filename=filename,
                             headers=headers)
 
-    def chunks():  # remote storage: stream through
+    def chunks():  # stream through, compressing on the way when asked (level 1: fast, and zeros shrink anyway)
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None  # wbits 31: a gzip stream
         with storage.open(relpath) as fh:
-            yield from iter(lambda: fh.read(1024 * 1024), b"")
+            for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+                out = compressor.compress(chunk) if compressor else chunk
+                if out:
+                    yield out
+        if compressor:
+            yield compressor.flush()
 
     headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
     return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (``gzip``, ``x-gzip`` or ``*`` with q > 0)."""
+    for part in (accept_encoding or "").split(","):
+        name, *params = [t.strip() for t in part.split(";")]
+        if name.lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params:
+            if param.lower().startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            return True
+    return False
 
 
 @router.get("/{job_id}/report", responses={200: {"content": {"application/json": {}, "text/html": {}}},

@@ -153,3 +153,29 @@ def test_a_key_over_its_active_job_quota_gets_429_until_one_ends(make_server, in
         assert a.post(f"/v1/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
         assert submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).status_code == 202
     assert len(list((server.data_dir / "jobs").iterdir())) == 4  # the refused request stored nothing
+
+
+def test_the_artifact_is_sent_gzip_compressed_when_the_client_accepts_it(server: Server, a: httpx.Client,
+                                                                        inputs: Inputs) -> None:
+    import gzip
+
+    from service.routes.jobs import accepts_gzip
+
+    job = submit(a, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"]
+    result = wait_terminal(a, job, timeout=120)["result"]
+    plain = server.data_dir / "jobs" / job / "artifact.pt"
+    with a.stream("GET", f"/v1/jobs/{job}/artifact", headers={"Accept-Encoding": "gzip"}) as r:
+        raw = b"".join(r.iter_raw())  # the bytes on the wire, not decoded
+        assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+        assert r.headers["x-checksum-sha256"] == result["artifact_sha256"]
+    decoded = gzip.decompress(raw)
+    assert decoded == plain.read_bytes() and hashlib.sha256(decoded).hexdigest() == result["artifact_sha256"]
+    assert len(raw) < 0.8 * len(decoded)  # a pruned model's zeros compress
+    for refuse in ("identity", "gzip;q=0, identity", "br"):
+        r = a.get(f"/v1/jobs/{job}/artifact", headers={"Accept-Encoding": refuse})
+        assert "content-encoding" not in r.headers and r.content == plain.read_bytes(), refuse
+        assert int(r.headers["content-length"]) == plain.stat().st_size
+    assert a.get(f"/v1/jobs/{job}/artifact").content == plain.read_bytes()  # httpx decodes transparently
+    assert [accepts_gzip(v) for v in ("gzip", "deflate, gzip;q=0.5", "*", "GZIP;q=1.0", None, "", "gzip;q=0",
+                                      "gzip;q=zero", "deflate")] == [True, True, True, True, False, False, False,
+                                                                     False, False]
