@@ -31,13 +31,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a refused fetch closes the connection mid-response: expected, not worth a traceback
+
+
 @pytest.fixture(scope="module")
 def web(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real HTTP server on 127.0.0.1 serving /data/cal.npz (the digits calibration file)."""
     root = tmp_path_factory.mktemp("web")
     (root / "data").mkdir()
     (root / "data" / "cal.npz").write_bytes(inputs.data.read_bytes())
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
+    httpd = _QuietServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
