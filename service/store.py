@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -190,6 +191,24 @@ class Claim:
     run_id: str
 
 
+def _enable_wal(cur: Any, attempts: int = 100) -> None:
+    """Switch a SQLite database to WAL, once. The switch needs an exclusive lock and SQLite answers
+    "database is locked" at once, without its busy handler, when another connection is opening the
+    same new file (a server and its workers starting together): retry for a few seconds."""
+    import sqlite3
+
+    for attempt in range(attempts):
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     """An engine; SQLite gets WAL (readers never block the writer) and a busy timeout."""
     if url.startswith("sqlite"):
@@ -201,8 +220,8 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            _enable_wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
