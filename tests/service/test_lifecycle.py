@@ -170,7 +170,9 @@ def test_the_artifact_is_sent_gzip_compressed_when_the_client_accepts_it(server:
         assert r.headers["x-checksum-sha256"] == result["artifact_sha256"]
     decoded = gzip.decompress(raw)
     assert decoded == plain.read_bytes() and hashlib.sha256(decoded).hexdigest() == result["artifact_sha256"]
-    assert len(raw) < 0.8 * len(decoded)  # a pruned model's zeros compress
+    if result["certified_sparsity"] >= 0.5:
+        assert len(raw) < 0.8 * len(decoded)  # a pruned model's zeros compress
+    assert len(raw) < len(decoded)
     for refuse in ("identity", "gzip;q=0, identity", "br"):
         r = a.get(f"/v1/jobs/{job}/artifact", headers={"Accept-Encoding": refuse})
         assert "content-encoding" not in r.headers and r.content == plain.read_bytes(), refuse
