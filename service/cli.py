@@ -245,6 +245,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         console.print(result.get("guarantee", ""))
         console.print(f"certified sparsity: [bold]{result.get('certified_sparsity')}[/] "
                       f"(certified: {result.get('certified')})")
+        more = result.get("more_data") or {}
+        if more.get("sparsity") is not None:
+            needed = more.get("n_calibration_needed")
+            console.print(f"next level {more['sparsity']:.0%}: "
+                          + (f"≈ {needed:,} calibration samples would likely certify it (an estimate, not a guarantee)"
+                             if needed else "its observed risk is too high for more data to help"))
         if args.out:
             sha = download_artifact(client, job_id, Path(args.out))
             console.print(f"Wrote {args.out} (sha256 {sha}, verified)")

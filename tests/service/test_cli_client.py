@@ -31,6 +31,9 @@ def test_submit_waits_downloads_and_verifies_the_pruned_model(worker_server: Ser
     result = json.loads(report.read_text())
     assert hashlib.sha256(out.read_bytes()).hexdigest() == result["artifact_sha256"]
     assert "verified" in run.stderr and "With probability" in run.stderr
+    more = result["more_data"]
+    if more is not None:  # the level that stopped the test, with its planning estimate
+        assert f"next level {more['sparsity']:.0%}" in run.stderr
 
     listing = cli("jobs", "--server", worker_server.url, "--limit", "5")
     assert listing.returncode == 0 and job_id in listing.stdout
