@@ -98,24 +98,34 @@ def digits_case():
     return model, xp, xt, yt, y_pool, predict(model, xp, 1024).numpy()
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_parser(doc: str | None, *, criteria: str, bounds: str) -> argparse.ArgumentParser:
+    """The digits benchmarks' shared options (draws, n_cal, ε, δ, criteria, bounds, risk)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=50)
     ap.add_argument("--n-cal", type=int, default=600)
     ap.add_argument("--epsilon", type=float, default=0.02)
     ap.add_argument("--delta", type=float, default=0.1)
-    ap.add_argument("--criteria", default="magnitude,mu,obd,random")
-    ap.add_argument("--bounds", default="binomial,hb,wsr")
+    ap.add_argument("--criteria", default=criteria)
+    ap.add_argument("--bounds", default=bounds)
     ap.add_argument("--risk", default="accuracy_drop")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def pool_draws(n_pool: int, n_cal: int, draws: int) -> list[np.ndarray]:
+    """The calibration draws (indices into the pool, with replacement), fixed for every row."""
+    rng = np.random.default_rng(12345)
+    return [rng.integers(0, n_pool, n_cal) for _ in range(draws)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = common_parser(__doc__, criteria="magnitude,mu,obd,random", bounds="binomial,hb,wsr").parse_args(argv)
     t0 = time.perf_counter()
     model, xp, xt, yt, y_pool, dense = digits_case()
     grid = np.round(np.arange(0, 1.0, 0.01), 2)
     print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
           f"pool n={len(y_pool)}, n_cal={args.n_cal}, ε={args.epsilon}, δ={args.delta}, draws={args.draws}, "
           f"risk={args.risk}")
-    rng = np.random.default_rng(12345)
-    draws = [rng.integers(0, len(y_pool), args.n_cal) for _ in range(args.draws)]
+    draws = pool_draws(len(y_pool), args.n_cal, args.draws)
     rows = []
     best_valid = (0.0, "")
     for criterion in args.criteria.split(","):

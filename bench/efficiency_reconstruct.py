@@ -15,7 +15,6 @@ P(R_pool(λ̂) > ε), which must stay ≤ δ up to Monte-Carlo error.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,29 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficiency import certify_draws, digits_case, level_predictions, oracle
+from efficiency import certify_draws, common_parser, digits_case, level_predictions, oracle, pool_draws
 
 from calibration.risks import per_sample_losses
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draws", type=int, default=50)
-    ap.add_argument("--n-cal", type=int, default=600)
-    ap.add_argument("--epsilon", type=float, default=0.02)
-    ap.add_argument("--delta", type=float, default=0.1)
-    ap.add_argument("--criteria", default="magnitude")
-    ap.add_argument("--bounds", default="binomial")
+    ap = common_parser(__doc__, criteria="magnitude", bounds="binomial")
     ap.add_argument("--procedures", default="fixed_sequence")
-    ap.add_argument("--risk", default="accuracy_drop")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     model, xp, xt, yt, y_pool, dense = digits_case()
     print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
           f"pool n={len(y_pool)}, n_cal={args.n_cal}, n_tune={len(yt)} (training set), ε={args.epsilon}, "
           f"δ={args.delta}, draws={args.draws}, risk={args.risk}")
-    rng = np.random.default_rng(12345)
-    draws = [rng.integers(0, len(y_pool), args.n_cal) for _ in range(args.draws)]
+    draws = pool_draws(len(y_pool), args.n_cal, args.draws)
     unstructured = np.round(np.arange(0, 1.0, 0.01), 2)
     rows = []
     for criterion in args.criteria.split(","):
