@@ -60,7 +60,7 @@ def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(int(d) for d in shape), dtype, fh.tell()
 
 
-def _check_npz_members(path: Path) -> None:
+def _check_npz_members(path: Path, max_inflated_bytes: int | None = None) -> None:
     """Refuse pickles, absurd shapes and inconsistent sizes from the .npy headers, before any array is allocated.
 
     A header is a few bytes that may declare any shape (10^12 elements in a 1 KiB upload), and a
@@ -68,6 +68,12 @@ def _check_npz_members(path: Path) -> None:
     """
     try:
         with zipfile.ZipFile(path) as zf:
+            inflated = sum(i.file_size for i in zf.infolist())
+            if max_inflated_bytes is not None and inflated > max_inflated_bytes:
+                raise DataError(
+                    f"The .npz inflates to {inflated:,} bytes ({path.stat().st_size:,} bytes compressed), more than "
+                    f"the server accepts for a calibration set ({max_inflated_bytes:,} bytes, the upload limit "
+                    "CERTIPRUNE_MAX_UPLOAD_BYTES). Upload a smaller calibration set.", code="data_too_large")
             for info in zf.infolist():
                 key = info.filename.removesuffix(".npy")
                 if key not in ("x", "y"):
@@ -99,10 +105,10 @@ def _check_npz_members(path: Path) -> None:
                         code="data_malformed") from exc
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path.name!r} is not a valid .npz archive (not a zip file).", code="data_malformed")
-    _check_npz_members(path)
+    _check_npz_members(path, max_inflated_bytes)
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
@@ -203,13 +209,18 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
     return CalibrationSet(x=x, y=y)
 
 
-def load_calibration(path: str | os.PathLike) -> CalibrationSet:
-    """Read an .npz (allow_pickle=False) or .safetensors calibration set and validate it."""
+def load_calibration(path: str | os.PathLike, *, max_inflated_bytes: int | None = None) -> CalibrationSet:
+    """Read an .npz (allow_pickle=False) or .safetensors calibration set and validate it.
+
+    ``max_inflated_bytes``: refuse an .npz whose members inflate past this (a 1 MB upload can declare
+    1 GiB of zeros); the service passes its upload limit, so compression never admits more than an
+    uncompressed upload could.
+    """
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         raise DataError("The data file is missing or empty.", code="data_empty")
     fmt = sniff_format(p)
-    arrays = _read_npz(p) if fmt == "npz" else _read_safetensors(p)
+    arrays = _read_npz(p, max_inflated_bytes) if fmt == "npz" else _read_safetensors(p)
     try:
         return validate_arrays(arrays)
     except MemoryError as exc:

@@ -13,6 +13,15 @@ python -m pip install -q -e '.[test]'
 
 python scripts/make_digits_example.py --out-dir demo-out
 
+# Uploaded models run in a bubblewrap sandbox when it works here (docs/security.md); without it, on
+# loopback with no API keys, the demo still runs — the server log warns, and we say so.
+if python -c "from service.isolation import probe; import sys; sys.exit(probe() is not None)"; then
+  echo "sandbox: on (bubblewrap) — the uploaded model runs isolated"
+else
+  echo "sandbox: OFF — $(python -c 'from service.isolation import probe; print(probe())')"
+  echo "         (fine for your own models on loopback; install bubblewrap to isolate them)"
+fi
+
 certiprune serve --host 127.0.0.1 --port "$PORT" --data-dir demo-out/data &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT

@@ -13,7 +13,7 @@ from .auth import KeyRing
 from .errors import install_error_handlers
 from .executors import make_executor
 from .metrics import Metrics
-from .middleware import MetricsMiddleware, UploadGuardMiddleware
+from .middleware import MetricsMiddleware, UploadGuardMiddleware, redact_access_log
 from .routes import datasets, health, jobs, pages
 from .settings import Settings
 from .storage import Storage
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_access_log()  # uvicorn configures its loggers before the lifespan runs
         executor = make_executor(settings, store)
         app.state.executor = executor
         if executor is not None:

@@ -40,6 +40,34 @@ def _configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _check_sandbox(settings: Any) -> bool:
+    """Fail closed: refuse to run jobs without the OS sandbox where several tenants (or the network) reach us."""
+    from . import isolation
+    from .worker import sandbox_decision
+
+    overlap = isolation.forbidden_overlap(settings.data_dir)
+    if overlap is not None:
+        print(f"certiprune: refusing to start: the data dir {settings.data_dir} lies inside {overlap}, which every "
+              "job's sandbox can read. Choose a data dir outside the Python installation and the package.",
+              file=sys.stderr)
+        return False
+    isolate, why_not = sandbox_decision(settings)
+    if isolate is None:
+        reason = ("API keys are configured" if settings.api_keys else f"it listens on {settings.host}") \
+            if settings.sandbox_required else "CERTIPRUNE_SANDBOX=on"
+        print(f"certiprune: refusing to start: {reason}, so uploaded models must run in the OS sandbox, but it is "
+              f"unavailable: {why_not}.", file=sys.stderr)
+        return False
+    if not isolate:
+        import logging
+
+        logging.getLogger("certiprune").warning(
+            "uploaded models run WITHOUT OS isolation (%s): acceptable only for one user running their own models on "
+            "loopback. Install bubblewrap (apt-get install bubblewrap) to isolate them.",
+            "CERTIPRUNE_SANDBOX=off" if settings.sandbox == "off" else why_not)
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     api_keys = args.api_keys
@@ -57,7 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings({"host": args.host, "port": args.port, "data_dir": args.data_dir, "executor": args.executor,
                           "ray_address": args.ray_address, "api_keys": api_keys,
                           "max_upload_bytes": args.max_upload_bytes,
-                          "allowed_dataset_roots": args.allowed_dataset_roots})
+                          "allowed_dataset_roots": args.allowed_dataset_roots, "sandbox": args.sandbox})
+    # The local executor runs jobs here; with Ray, each worker node's supervisor enforces the sandbox itself
+    # (required there whenever this server has keys or a public bind: RayExecutor passes sandbox=on).
+    if settings.executor == "local" and not _check_sandbox(settings):
+        return 2
 
     import uvicorn
 
@@ -77,7 +109,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     _configure_logging(args.log_level)
     settings = _settings({"data_dir": args.data_dir, "max_concurrent_jobs": args.concurrency,
-                          "ray_address": args.ray_address})
+                          "ray_address": args.ray_address, "sandbox": args.sandbox})
+    if not _check_sandbox(settings):
+        return 2
     store = JobStore.from_url(settings.resolved_database_url)
     if (args.executor or settings.executor) == "ray":
         from .executors.ray import RayExecutor
@@ -457,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(env CERTIPRUNE_MAX_UPLOAD_BYTES; default 2 GiB)")
     p.add_argument("--allowed-dataset-roots", help="comma-separated URI prefixes a job's dataset may name "
                                                    "(env CERTIPRUNE_ALLOWED_DATASET_ROOTS)")
+    p.add_argument("--sandbox", choices=["auto", "on", "off"],
+                   help="run uploaded models in the bubblewrap sandbox (env CERTIPRUNE_SANDBOX; default auto: when "
+                        "available — required with API keys or a non-loopback bind)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="claim and run queued jobs from the shared store (scale-out)")
@@ -468,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="with --executor ray: 'auto', HOST:PORT or ray://HOST:10001 "
                                          "(default: start a Ray instance on this machine)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--sandbox", choices=["auto", "on", "off"],
+                   help="run uploaded models in the bubblewrap sandbox (env CERTIPRUNE_SANDBOX; default auto)")
     p.set_defaults(func=cmd_worker)
 
     sub.add_parser("certify", help="certify offline, without a server (see `certiprune certify --help`)",

@@ -84,10 +84,10 @@ def check_model(storage: Storage, relpath: str) -> None:
             raise calibration_error(exc) from exc
 
 
-def check_data(storage: Storage, relpath: str) -> DataSummary:
+def check_data(storage: Storage, relpath: str, *, max_inflated_bytes: int | None = None) -> DataSummary:
     with storage.fetch_local(relpath) as path:
         try:
-            data = load_calibration(path)
+            data = load_calibration(path, max_inflated_bytes=max_inflated_bytes)
         except CalibrationError as exc:
             raise calibration_error(exc) from exc
     return DataSummary(n=data.n, x_shape=[int(d) for d in data.x.shape], has_labels=data.has_labels)
@@ -261,6 +261,13 @@ def copy_dataset_uri(storage: Storage, uri: str, relpath_base: str, limit: int, 
     http(s) redirects are not followed: the checked URL is the one read, never a location it names;
     and the address actually connected to is checked again (see :func:`_open_http`).
     """
+    if storage.is_local and ("://" not in uri or uri.startswith("file://")):
+        real = os.path.realpath(uri.removeprefix("file://"))
+        if real == storage.root or real.startswith(storage.root + "/"):
+            # never read the server's own files (the job store: reading it through another handle can drop
+            # SQLite's locks; other tenants' uploads) on behalf of a request
+            raise ApiError(422, "dataset_not_allowed",
+                           f"The dataset {uri!r} lies inside the server's data dir; give a ds_ id instead.")
     with contextlib.ExitStack() as stack:
         try:
             if _scheme(uri) in ("http", "https"):

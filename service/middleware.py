@@ -6,6 +6,8 @@ before any route code (or dependency) runs.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 from starlette.datastructures import Headers
@@ -93,3 +95,25 @@ class MetricsMiddleware:
 
 
 __all__ = ["MetricsMiddleware", "UploadGuardMiddleware"]
+
+
+_KEY_IN_QUERY = re.compile(r"([?&](?:key|api_key|token)=)[^&#\s]*", re.IGNORECASE)
+
+
+class RedactKeysInAccessLog(logging.Filter):
+    """A key given in a page URL (``/?key=…``) must never reach the access log: replace its value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_KEY_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = _KEY_IN_QUERY.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Install the filter on uvicorn's access logger once."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactKeysInAccessLog) for f in logger.filters):
+        logger.addFilter(RedactKeysInAccessLog())

@@ -1,8 +1,8 @@
 """Resource limits for a worker process that runs an uploaded model (untrusted code).
 
-``service.worker.run_job`` applies them in its freshly spawned process, after reading the job
-and before the model is loaded. They bound that process only — never the API process, and
-never a long-lived process that runs several jobs (CPU time would add up across jobs).
+The supervisor (``service.supervisor``) applies them to the untrusted child it starts, before the
+child's program runs (inherited through bubblewrap). They bound that child only — never the API
+process or the supervisor, which hold the job store.
 
 - ``RLIMIT_AS`` (address space): a forward pass that allocates enormous memory gets an
   allocation error (the job fails ``job_out_of_memory``) instead of waking the kernel's OOM
@@ -17,6 +17,8 @@ never a long-lived process that runs several jobs (CPU time would add up across 
   worker writes: the SQLite job store and a log file inherited from the server — keep it far
   above their sizes.
 - ``RLIMIT_NOFILE`` (open file descriptors).
+- ``RLIMIT_NPROC`` (processes and threads of the child's uid; the kernel exempts a uid-0 process, so
+  it binds when the sandbox is entered as an unprivileged uid — ``service.isolation``).
 - ``RLIMIT_CORE`` = 0: no core dumps of user code (they would hold user data and fill the disk).
 
 Limits are only lowered, never raised above what the process already has.
@@ -47,6 +49,7 @@ class Limits:
     cpu_seconds: int | None
     file_bytes: int | None
     open_files: int | None
+    processes: int | None = None
 
 
 def physical_memory_bytes() -> int | None:
@@ -72,15 +75,18 @@ def _setting(value: float | None, default: float | None) -> float | None:
 
 def limits_from_settings(settings: Settings, *, cuda: bool) -> Limits:
     """The limits for one job. ``cuda``: the job may use a GPU (then no address-space limit)."""
-    memory = _setting(settings.sandbox_max_memory_bytes, physical_memory_bytes())
+    physical = physical_memory_bytes()
+    memory = _setting(settings.sandbox_max_memory_bytes, None if physical is None else physical // 2)
     cpu = _setting(settings.sandbox_max_cpu_s, settings.job_timeout_s * usable_cpus())
     files = _setting(settings.sandbox_max_file_bytes, max(4 * settings.max_upload_bytes, 8 * 1024**3))
     nofile = _setting(settings.sandbox_max_open_files, None)
+    nproc = _setting(settings.sandbox_max_processes, 64 + 4 * usable_cpus())
     return Limits(
         address_space_bytes=None if cuda or memory is None else int(memory),
         cpu_seconds=None if cpu is None else max(1, math.ceil(cpu)),
         file_bytes=None if files is None else int(files),
         open_files=None if nofile is None else int(nofile),
+        processes=None if nproc is None else int(nproc),
     )
 
 
@@ -112,6 +118,8 @@ def apply(limits: Limits) -> dict[str, int | None]:
         _lower(resource.RLIMIT_FSIZE, limits.file_bytes)
     if limits.open_files is not None:
         _lower(resource.RLIMIT_NOFILE, limits.open_files)
+    if limits.processes is not None:
+        _lower(resource.RLIMIT_NPROC, limits.processes)
     return asdict(limits)
 
 

@@ -97,9 +97,25 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A running job whose executor has not reported for this long is considered orphaned."
     )
     # Resource limits of a worker process (service.sandbox); None: the default shown, 0: no limit.
+    sandbox: Literal["auto", "on", "off"] = Field(
+        "auto", description="OS isolation of the child that runs an uploaded model (bubblewrap, service.isolation). "
+        "'on': required (refuse to start without it); 'off': only rlimits (one user on loopback, their own models); "
+        "'auto': on when bubblewrap works here — required anyway with API keys or a non-loopback bind."
+    )
     sandbox_max_memory_bytes: int | None = Field(
-        None, ge=0, description="Address space (RLIMIT_AS) of a CPU worker; default: the machine's physical memory. "
-        "Never applied to CUDA workers."
+        None, ge=0, description="Address space (RLIMIT_AS) of a CPU job's child; default: half the machine's "
+        "physical memory. Never applied to CUDA jobs."
+    )
+    sandbox_max_processes: int | None = Field(
+        None, ge=0, description="Processes and threads of the sandbox's uid (RLIMIT_NPROC; binds when the server runs "
+        "as root and the child enters as an unprivileged uid); default: 64 + 4 × CPUs."
+    )
+    sandbox_tmp_bytes: int = Field(
+        1 * GIB, gt=0, description="Size of the child's private /tmp (tmpfs, counted in memory)."
+    )
+    max_log_bytes: int = Field(
+        1024**2, gt=0, description="The child's stdout/stderr kept in the job's own log (jobs/<id>/child.log); the rest "
+        "is dropped. It never reaches the server log."
     )
     sandbox_max_cpu_s: float | None = Field(
         None, ge=0, description="CPU seconds (RLIMIT_CPU, all threads) of one run; default: job_timeout_s × CPUs."
@@ -132,6 +148,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _data_dir_outside_dataset_roots(self) -> Settings:
+        if "://" in self.data_dir and not self.data_dir.startswith("file://"):
+            return self
+        data = Path(self.data_dir.removeprefix("file://")).expanduser().resolve()
+        for root in self.allowed_dataset_roots:
+            if "://" in root and not root.startswith("file://"):
+                continue
+            real = Path(root.removeprefix("file://")).expanduser().resolve()
+            if real == data or real in data.parents or data in real.parents:
+                raise ValueError(
+                    f"The allowed dataset root {root!r} overlaps the data dir {str(data)!r}: a job could then name "
+                    "another tenant's files or the job store as its dataset. Keep them apart."
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unsandboxed_tenants(self) -> Settings:
+        if self.sandbox == "off" and self.sandbox_required:
+            raise ValueError(
+                "Refusing CERTIPRUNE_SANDBOX=off with API keys or a non-loopback bind: one tenant's model could then "
+                "read and change every other tenant's files. Use 'auto' or 'on' (needs bubblewrap)."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_open_public_bind(self) -> Settings:
         if not self.api_keys and not is_loopback(self.host):
             raise ValueError(
@@ -148,6 +189,11 @@ class Settings(BaseSettings):
             raise ValueError("A remote data_dir needs an explicit CERTIPRUNE_DATABASE_URL.")
         root = Path(self.data_dir.removeprefix("file://")).expanduser().resolve()
         return f"sqlite:///{root / 'certiprune.db'}"
+
+    @property
+    def sandbox_required(self) -> bool:
+        """API keys (several tenants) or a non-loopback bind: an uploaded model must never run unsandboxed."""
+        return bool(self.api_keys) or not is_loopback(self.host)
 
     @property
     def auth_enabled(self) -> bool:

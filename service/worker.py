@@ -1,19 +1,19 @@
-"""Runs one job inside a spawned worker process: read its files, ``calibration.certify``, store the artifact.
+"""Supervises one job inside a spawned worker process: verified inputs → sandboxed child → stored artifact.
 
 This module is imported by the API process (the executor refers to ``run_job``), so it imports
-neither torch nor ``calibration`` at module level: the worker picks its GPU first, then applies
-the sandbox's resource limits (``service.sandbox``), then loads the model. Failures become a job
-error with a specific code: the calibration error's own, or ``job_out_of_memory``,
-``artifact_too_large``, ``artifact_write_failed``, ``storage_full`` for exhausted resources.
+neither torch nor ``calibration`` at module level. The spawned process is the job's *supervisor*
+(trusted, the only writer of the job's state); the uploaded model runs only in the untrusted child
+that ``service.supervisor`` starts. Failures become a job error with a specific code: the
+calibration error's own (reported by the child), or ``input_integrity_error``,
+``job_out_of_memory``, ``job_timeout``, ``artifact_too_large``, ``artifact_write_failed``,
+``storage_full``, ``sandbox_unavailable``, ``model_crashed``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -21,15 +21,27 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import sandbox
+from . import isolation, sandbox
+from .failures import classify_failure, is_disk_error, root_cause_line
+from .jsonable import jsonable
 from .settings import Settings
-from .storage import Storage, job_dir
+from .storage import Storage, job_dir, sha256_file
 from .store import CANCELLED, FAILED, SUCCEEDED, Job, JobStore
+from .supervisor import ChildSpec, Input, IntegrityError, remove_run_folder, run_child
 
 log = logging.getLogger("certiprune.worker")
+
+@dataclass(frozen=True)
+class _Progress:
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
 
 PROGRESS_EVERY_S = 0.25  # at most 4 progress writes per second
 STOP_POLL_EVERY_S = 0.5
@@ -58,23 +70,6 @@ def _select_gpu(gpu: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[gpu % len(devices)]
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe copy: numpy scalars to Python, NaN/inf to None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if hasattr(value, "tolist") and callable(value.tolist):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def throttled_progress(store: JobStore, job_id: str, run_id: str) -> Callable[[Any], None]:
@@ -123,7 +118,7 @@ def run_job(job_id: str, run_id: str, settings_dict: dict[str, Any], *, gpu: int
     settings = Settings(**settings_dict)
     store = JobStore.from_url(settings.resolved_database_url)
     try:
-        _run(job_id, run_id, settings, store, sandbox_gpu=gpu, sandboxed=True)
+        _run(job_id, run_id, settings, store, sandbox_gpu=gpu)
     finally:
         store.close()
 
@@ -133,44 +128,36 @@ def job_uses_cuda(job: Job, gpu: int | None) -> bool:
     return gpu is not None or job.config.get("device") == "cuda"
 
 
-def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandbox_gpu: int | None = None,
-         sandboxed: bool = False) -> None:
-    """Run one claimed job. ``sandboxed``: apply the resource limits first — only in a process that runs
-    this one job and then exits (limits stay for the life of the process; CPU time adds up)."""
+def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandbox_gpu: int | None = None) -> None:
+    """Supervise one claimed job: verified inputs → untrusted child (``service.supervisor``) → stored artifact.
+
+    This process is trusted: it holds the store and is the only writer of the job's state. The uploaded
+    model runs only in the child, with the rlimits of ``service.sandbox`` and, unless the sandbox is off,
+    inside bubblewrap (``service.isolation``).
+    """
     job = store.get(job_id=job_id)
     if job is None or job.run_id != run_id:
         log.warning("job %s is no longer held by run %s; nothing to do", job_id, run_id)
         return
-    limits: sandbox.Limits | None = None
-    if sandboxed:
-        cuda = job_uses_cuda(job, sandbox_gpu)
-        limits = sandbox.limits_from_settings(settings, cuda=cuda)
-        log.info("job %s: sandbox limits %s%s", job_id, sandbox.apply(limits),
-                 " (no address-space limit: the job may use CUDA)" if cuda else "")
+    cuda = job_uses_cuda(job, sandbox_gpu)
+    limits = sandbox.limits_from_settings(settings, cuda=cuda)
     storage = Storage(settings.data_dir)
     work = storage.work_dir(job_id)
     discard_partial_files(work)  # half-written by an earlier run that was killed
-    tmp_artifact = work / f".artifact-{run_id}.pt"
-    stage = {"name": "loading"}
+    run_folder = work / f".run-{run_id}"
 
     def fail(code: str, message: str) -> None:
         store.finish(job_id=job_id, run_id=run_id, status=FAILED, error_code=code, error_message=message)
 
-    try:
-        from calibration import CalibrationError, CancelledError, certify
-    except Exception as exc:  # a broken install must fail the job, not leave it running
-        log.exception("cannot import calibration")
-        fail("internal_error", f"The worker could not load the calibration engine: {type(exc).__name__}: {exc}")
+    isolate, why_not = sandbox_decision(settings)
+    if isolate is None:
+        fail("sandbox_unavailable", f"The server requires the OS sandbox for every job but it cannot start here: "
+                                    f"{why_not}. The operator must fix this; the model was not run.")
         return
-
     store.update_progress(job_id=job_id, run_id=run_id, stage="loading", done=0, total=0,
-                          message="Loading the model and the calibration data.")
+                          message="Checking the inputs and starting the job's sandbox." if isolate else
+                          "Checking the inputs and starting the job's process (no OS sandbox).")
     report = throttled_progress(store, job_id, run_id)
-
-    def progress(p: Any) -> None:
-        stage["name"] = p.stage
-        report(p)
-
     try:
         with storage.fetch_local(job.model_path) as model_path, \
                 storage.fetch_local(job.data_path) as data_path, \
@@ -180,51 +167,99 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
                 fail(*refusal)
                 log.info("job %s refused: %s", job_id, refusal[1])
                 return
-            cert = certify(
-                model_path,
-                data_path,
-                dict(job.config),
-                out=tmp_artifact,
-                uncertainty=uncertainty_path,
-                progress=progress,
+            inputs = [Input(Path(model_path), "model.pt", job.model_sha256),
+                      Input(Path(data_path), "data" + _data_suffix(job.data_path), job.data_sha256)]
+            if uncertainty_path is not None:
+                # no sha256 is recorded for it at admission: hash the copy the child gets, for the log
+                inputs.append(Input(Path(uncertainty_path), "uncertainty.safetensors", sha256_file(uncertainty_path)))
+            spec = ChildSpec(inputs=inputs, config=dict(job.config), limits=limits, isolate=isolate, work=run_folder,
+                             log_path=work / "child.log", max_log_bytes=settings.max_log_bytes,
+                             tmp_bytes=settings.sandbox_tmp_bytes,
+                             cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES") if sandbox_gpu is not None else None)
+            log.info("job %s: child %s, limits %s", job_id, "sandboxed (bubblewrap)" if isolate else "NOT sandboxed",
+                     asdict(limits))
+            outcome = run_child(
+                spec,
+                on_progress=lambda stage, done, total, message: report(_Progress(stage, done, total, message or "")),
                 should_stop=throttled_stop_check(store, job_id, run_id),
             )
-        result = jsonable(cert.to_dict())
-        if not tmp_artifact.is_file():
-            raise RuntimeError("certify() returned without writing the artifact")
+        if outcome.status == "cancelled":
+            store.finish(job_id=job_id, run_id=run_id, status=CANCELLED)
+            log.info("job %s cancelled", job_id)
+            return
+        if outcome.status != "succeeded":
+            assert outcome.code is not None
+            fail(outcome.code, outcome.message or "The job failed.")
+            log.info("job %s failed: %s", job_id, outcome.code)
+            return
         if not store.is_current_run(job_id=job_id, run_id=run_id):
             log.warning("job %s was taken from run %s while it ran; discarding its artifact", job_id, run_id)
             return
-        stage["name"] = "storing"
-        stored = storage.put_file(tmp_artifact, f"{job_dir(job_id)}/artifact.pt")
-        stage["name"] = "finishing"
-        claimed = result.get("artifact_sha256")
-        if claimed and claimed != stored.sha256:
-            log.error("job %s: certify reported artifact sha256 %s but the stored file has %s", job_id, claimed,
-                      stored.sha256)
-        result["artifact_sha256"] = stored.sha256
+        assert outcome.artifact is not None and outcome.result is not None
+        refusal = check_artifact(outcome.artifact)
+        if refusal is not None:
+            fail(*refusal)
+            return
+        try:
+            stored = storage.put_file(outcome.artifact, f"{job_dir(job_id)}/artifact.pt")
+        except OSError as exc:
+            fail("artifact_write_failed", f"Writing the pruned model failed: {exc.strerror or exc}. The server's disk "
+                                          "may be full. No artifact was stored; submit the job again once the "
+                                          "operator has made room.")
+            return
+        result = jsonable(outcome.result)
+        result["artifact_sha256"] = stored.sha256  # the supervisor's hash, never the child's word
         json.dumps(result, allow_nan=False)  # fail here, not when a client asks for the job
         store.finish(job_id=job_id, run_id=run_id, status=SUCCEEDED, result=result, artifact_sha256=stored.sha256)
         log.info("job %s succeeded", job_id)
-    except CancelledError:
-        store.finish(job_id=job_id, run_id=run_id, status=CANCELLED)
-        log.info("job %s cancelled", job_id)
-    except CalibrationError as exc:
-        code, message = classify_failure(exc, stage["name"], limits)
-        fail(code, message)
-        log.info("job %s failed: %s: %s", job_id, code, message)
+    except IntegrityError as exc:
+        fail("input_integrity_error", str(exc))
+        log.error("job %s: %s", job_id, exc)
     except Exception as exc:
-        code, message = classify_failure(exc, stage["name"], limits)
-        if code == "internal_error":
-            log.exception("job %s crashed", job_id)
-        fail(code, message)
+        if is_disk_error(exc):
+            fail("storage_full", f"The server could not prepare the job's files: {root_cause_line(exc)}. The server's "
+                                 "disk may be full; submit the job again once the operator has made room.")
+            return
+        log.exception("job %s: the supervisor failed", job_id)
+        fail("internal_error", f"The job failed unexpectedly ({type(exc).__name__}). This is a bug in certiprune; "
+                               "the server log has the details.")
     finally:
-        Path(tmp_artifact).unlink(missing_ok=True)
+        remove_run_folder(run_folder)
+
+
+def _data_suffix(relpath: str) -> str:
+    suffix = Path(relpath).suffix.lower()
+    return suffix if suffix in (".npz", ".safetensors") else ".npz"
+
+
+def check_artifact(path: Path) -> tuple[str, str] | None:
+    """The child's artifact must at least be a TorchScript archive that passes the admission check."""
+    from calibration.errors import CalibrationError  # lazy: calibration imports torch
+    from calibration.model import check_archive
+
+    try:
+        check_archive(path)
+    except CalibrationError as exc:
+        return ("artifact_invalid", f"The job produced an artifact that is not a valid TorchScript archive ({exc}); "
+                                    "nothing was stored.")
+    return None
+
+
+def sandbox_decision(settings: Settings) -> tuple[bool | None, str | None]:
+    """(isolate?, why not): True sandboxed, False not (allowed), None: required but unavailable."""
+    if settings.sandbox == "off":
+        return False, None
+    why_not = isolation.probe()
+    if why_not is None:
+        return True, None
+    if settings.sandbox == "on" or settings.sandbox_required:
+        return None, why_not
+    return False, why_not
 
 
 # -- files ----------------------------------------------------------------------------------------
 
-PARTIAL_PATTERNS = (".artifact-*", ".tmp-*")
+PARTIAL_PATTERNS = (".artifact-*", ".tmp-*", ".run-*")
 
 
 def discard_partial_files(work: Path) -> list[str]:
@@ -232,7 +267,10 @@ def discard_partial_files(work: Path) -> list[str]:
     removed = []
     for pattern in PARTIAL_PATTERNS:
         for path in work.glob(pattern):
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                remove_run_folder(path)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
 
@@ -275,81 +313,5 @@ def check_room_for_artifact(model_path: str | os.PathLike, work: Path,
     return None
 
 
-# -- turning exceptions into job errors -------------------------------------------------------
-
-_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "unable to allocate",
-                "bad_alloc", "std::bad_alloc")
-_DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
-_DISK_MARKERS = ("no space left", "file too large", "disk quota", "file write failed", "database or disk is full")
-_SAVING_STAGES = ("saving", "storing")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes/contexts, outermost first (cycles cut)."""
-    out: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in out and len(out) < 20:
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
-def root_cause_line(exc: BaseException) -> str:
-    """The most telling line of the innermost error (TorchScript puts the user's exception last)."""
-    from calibration.errors import exception_summary  # lazy: calibration imports torch
-
-    return exception_summary(exc)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    for e in _chain(exc):
-        if isinstance(e, MemoryError):
-            return True
-        if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _OOM_MARKERS):
-            return True
-    return False
-
-
-def _is_disk_error(exc: BaseException) -> bool:
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-            return True
-        if any(m in str(e).lower() for m in _DISK_MARKERS):
-            return True
-    return False
-
-
-def classify_failure(exc: BaseException, stage: str, limits: sandbox.Limits | None) -> tuple[str, str]:
-    """(code, message) for a failed run: the calibration error, or a specific code for resource exhaustion."""
-    from calibration import CalibrationError
-
-    is_data_error = isinstance(exc, CalibrationError) and exc.code.startswith("data_")
-    if _is_out_of_memory(exc) and not is_data_error:
-        limit = limits.address_space_bytes if limits else None
-        where = (f" (this worker may use at most {limit / 1024**3:.1f} GiB of address space, "
-                 "CERTIPRUNE_SANDBOX_MAX_MEMORY_BYTES)") if limit else ""
-        return ("job_out_of_memory",
-                f"The job ran out of memory{where}: {root_cause_line(exc)}. Use a smaller batch_size or calibration "
-                "set, or check that the model's forward does not allocate more than it needs.")
-    limit = limits.file_bytes if limits else None
-    bound = (f", or a file would exceed the worker's file-size limit of {limit} bytes "
-             "(CERTIPRUNE_SANDBOX_MAX_FILE_BYTES)") if limit else ""
-    if not isinstance(exc, CalibrationError) and stage in _SAVING_STAGES:
-        return ("artifact_write_failed",
-                f"Writing the pruned model failed: {root_cause_line(exc)}. The server's disk may be full{bound}. "
-                "No artifact was stored; submit the job again once the operator has made room.")
-    if not isinstance(exc, CalibrationError) and _is_disk_error(exc):
-        return ("storage_full",
-                f"The worker could not write to disk: {root_cause_line(exc)}. The server's disk may be full{bound}.")
-    if isinstance(exc, CalibrationError):
-        message = str(exc)
-        if exc.__cause__ is not None and "TorchScript interpreter" in message:
-            message = f"{message} The model raised: {root_cause_line(exc)}"
-        return exc.code, message
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ("internal_error", f"The job failed unexpectedly ({type(exc).__name__}: {text[:300]}). "
-                              "This is a bug in certiprune; the server log has the details.")
-
-
 __all__ = ["artifact_size_estimate", "check_room_for_artifact", "classify_failure", "discard_partial_files",
-           "discard_partial_job_files",            "job_uses_cuda", "jsonable", "root_cause_line", "run_job"]
+           "discard_partial_job_files", "job_uses_cuda", "jsonable", "root_cause_line", "run_job", "sandbox_decision"]

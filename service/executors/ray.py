@@ -1,8 +1,8 @@
 """RayExecutor: a dispatcher thread that claims queued jobs and runs each as a Ray task on a Ray cluster.
 
-The API process only claims and dispatches. The uploaded model is loaded in a process that the
-Ray task spawns, by ``service.worker.run_job`` — the same code, sandbox and spawned process as the
-local executor's. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
+The API process only claims and dispatches. The Ray task spawns the job's supervisor
+(``service.worker.run_job``), which runs the uploaded model in its sandboxed child — the same code,
+sandbox and processes as the local executor's; the supervisor is the only writer of the job's state. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
 a free GPU and sets ``CUDA_VISIBLE_DEVICES`` for it.
 
 Retries belong to the job store, not to Ray (``max_retries=0``): when a worker process or a node
@@ -144,9 +144,12 @@ class RayExecutor(DispatchingExecutor[_Run]):
     start_failed = "Could not submit the job to Ray"
 
     def __init__(self, settings: Settings, store: JobStore, *, poll_interval_s: float = 0.25) -> None:
-        # Ray workers never need the tenants' API keys: keep them off every node of the cluster.
+        # Ray workers never need the tenants' API keys: keep them off every node of the cluster. Without the
+        # keys a worker could not tell that tenants share it, so the sandbox requirement travels explicitly.
+        sandbox = "on" if settings.sandbox_required else settings.sandbox
         super().__init__(settings, store, poll_interval_s=poll_interval_s,
-                         settings_dict={**settings.model_dump(mode="json"), "api_keys": [], "host": "127.0.0.1"})
+                         settings_dict={**settings.model_dump(mode="json"), "api_keys": [], "host": "127.0.0.1",
+                                        "sandbox": sandbox})
         self._task = ray.remote(max_retries=0, max_calls=1)(run_on_ray_worker)
         self._started_ray = False
         self._resources: dict[str, float] = {}

@@ -45,7 +45,8 @@ async def create_dataset(
     relpath = f"datasets/{dataset_id}.{data_extension(await run_in_threadpool(peek, file.file))}"
     stored = await run_in_threadpool(save_stream, storage, file.file, relpath, settings.max_upload_bytes)
     try:
-        summary = await run_in_threadpool(check_data, storage, relpath)
+        summary = await run_in_threadpool(check_data, storage, relpath,
+                                          max_inflated_bytes=settings.max_upload_bytes)
         ds = await run_in_threadpool(
             lambda: store.create_dataset(dataset_id=dataset_id, owner=owner, path=relpath, size=stored.size,
                                          sha256=stored.sha256, n=summary.n, x_shape=summary.x_shape,

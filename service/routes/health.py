@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import MetricsDep, StorageDep, StoreDep
+from ..deps import MetricsDep, OwnerDep, StorageDep, StoreDep
 from ..errors import error_body
 from ..schemas import ErrorBody, HealthPublic
 
@@ -38,5 +38,6 @@ def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(m: MetricsDep) -> Response:
+def metrics(m: MetricsDep, _owner: OwnerDep) -> Response:
+    """Prometheus metrics; with API keys configured, any tenant's key is needed (they describe every tenant's load)."""
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

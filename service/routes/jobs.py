@@ -198,7 +198,8 @@ async def create_job(
             ext = data_extension(await run_in_threadpool(peek, data.file))
             stored_data = await run_in_threadpool(save_stream, storage, data.file, f"{base}/data.{ext}", limit)
             data_path, data_sha = stored_data.path, stored_data.sha256
-            summary = await run_in_threadpool(check_data, storage, data_path)
+            summary = await run_in_threadpool(check_data, storage, data_path,
+                                              max_inflated_bytes=settings.max_upload_bytes)
         elif dataset and dataset.startswith("ds_"):
             ds = await run_in_threadpool(lambda: store.get_dataset(dataset_id=dataset, owner=owner))
             if ds is None:
@@ -211,7 +212,8 @@ async def create_job(
             stored_data = await run_in_threadpool(copy_dataset_uri, storage, dataset, f"{base}/data", limit,
                                                   settings.allowed_dataset_roots)
             data_path, data_sha = stored_data.path, stored_data.sha256
-            summary = await run_in_threadpool(check_data, storage, data_path)
+            summary = await run_in_threadpool(check_data, storage, data_path,
+                                              max_inflated_bytes=settings.max_upload_bytes)
         check_labels_for_risk(cfg, summary)
 
         uncertainty_path = None

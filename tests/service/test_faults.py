@@ -76,13 +76,18 @@ def leftovers(server: Server, job_id: str) -> list[str]:
 
 def test_sandbox_limits_follow_the_settings_and_skip_address_space_for_cuda() -> None:
     s = Settings(sandbox_max_memory_bytes=4 * 1024**3, sandbox_max_cpu_s=90.5, sandbox_max_file_bytes=1024**2,
-                 sandbox_max_open_files=256)
-    assert limits_from_settings(s, cuda=False) == Limits(4 * 1024**3, 91, 1024**2, 256)
+                 sandbox_max_open_files=256, sandbox_max_processes=300)
+    assert limits_from_settings(s, cuda=False) == Limits(4 * 1024**3, 91, 1024**2, 256, 300)
     assert limits_from_settings(s, cuda=True).address_space_bytes is None  # CUDA reserves huge virtual ranges
-    off = Settings(sandbox_max_memory_bytes=0, sandbox_max_cpu_s=0, sandbox_max_file_bytes=0, sandbox_max_open_files=0)
-    assert limits_from_settings(off, cuda=False) == Limits(None, None, None, None)
+    off = Settings(sandbox_max_memory_bytes=0, sandbox_max_cpu_s=0, sandbox_max_file_bytes=0, sandbox_max_open_files=0,
+                   sandbox_max_processes=0)
+    assert limits_from_settings(off, cuda=False) == Limits(None, None, None, None, None)
     defaults = limits_from_settings(Settings(job_timeout_s=100), cuda=False)
-    assert defaults.address_space_bytes and defaults.address_space_bytes > 1024**3  # the machine's memory
+    from service.sandbox import physical_memory_bytes
+
+    physical = physical_memory_bytes()
+    assert physical and defaults.address_space_bytes == physical // 2  # bounded per job, not all of the RAM
+    assert defaults.processes and defaults.processes >= 64
     assert defaults.cpu_seconds and defaults.cpu_seconds >= 100
     assert defaults.file_bytes and defaults.file_bytes >= 8 * 1024**3 and defaults.open_files == 1024
 

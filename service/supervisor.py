@@ -1,0 +1,399 @@
+"""The trusted side of a job run: hand an untrusted child exactly its verified inputs, read what it says.
+
+The supervisor runs in the executor's process for the job (a spawned process locally, the Ray
+task's child on a cluster) and is the only writer of the job's state. For one run it
+
+1. links (or copies) the job's inputs into a private staging folder, hashes them there, and refuses
+   to go on when a hash differs from the one recorded at admission (``input_integrity_error``) — so a file
+   changed in storage after admission is never used;
+2. starts the child (``service.child``) in the OS sandbox (``service.isolation``; or, with the
+   sandbox off, as a plain process with an empty environment), with the rlimits of
+   ``service.sandbox``, its stdout/stderr going to the job's own size-capped log;
+3. reads the child's events (each line bounded in size, parsed as JSON, validated) and forwards
+   progress; polls for a cancel and kills the child at once when one comes;
+4. receives the artifact over a pipe, capped at the file-size limit, and hashes it itself.
+
+Nothing the child says is trusted beyond its own job: codes must look like codes, messages are
+cut and stripped of control characters, the result must have the result's shape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import isolation, sandbox
+
+log = logging.getLogger("certiprune.supervisor")
+
+MAX_EVENT_BYTES = 8 * 1024**2  # one JSON line (the result with a 1000-level table is ~0.3 MB)
+MAX_MESSAGE_CHARS = 2000
+POLL_S = 0.1
+CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One file to hand over: where it is now, its name under /in, the sha256 recorded at admission."""
+
+    source: Path
+    name: str
+    sha256: str
+
+
+@dataclass
+class Outcome:
+    """How the child's run ended, as the supervisor judged it."""
+
+    status: str  # succeeded | failed | cancelled
+    result: dict[str, Any] | None = None
+    artifact: Path | None = None
+    artifact_sha256: str | None = None
+    code: str | None = None
+    message: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def clean_text(text: Any, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Untrusted text as one safe line: no control characters (no forged log lines), bounded length."""
+    out = CONTROL_RE.sub(" ", str(text))
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def check_result(result: Any) -> dict[str, Any]:
+    """The child's result must have the result's shape; raises ValueError otherwise."""
+    if not isinstance(result, dict):
+        raise ValueError("the result is not an object")
+    sparsity = result.get("certified_sparsity")
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError("certified_sparsity is not a number in [0, 1)")
+    if not isinstance(result.get("certified"), bool):
+        raise ValueError("certified is not a boolean")
+    levels = result.get("levels")
+    if not isinstance(levels, list) or not all(isinstance(level, dict) for level in levels):
+        raise ValueError("levels is not a list of objects")
+    if not isinstance(result.get("guarantee", ""), str):
+        raise ValueError("guarantee is not text")
+    return result
+
+
+def stage_inputs(inputs: list[Input], folder: Path) -> dict[str, Path]:
+    """Put each input into ``folder`` (readable by the sandbox's uid) and check the sha256 of what is there.
+
+    A hard link when the file lies on the same file system and is world-readable (no copy of a
+    multi-GB dataset, no disk space), else a copy. Only trusted processes write to storage, so the
+    linked file cannot change between this check and the child's read. Raises IntegrityError naming
+    the file whose content no longer matches what was admitted.
+    """
+    folder.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(folder, 0o711)
+    staged: dict[str, Path] = {}
+    for item in inputs:
+        target = folder / item.name
+        target.unlink(missing_ok=True)
+        try:
+            if not os.stat(item.source).st_mode & 0o004:
+                raise OSError("not world-readable: copy it")
+            os.link(item.source, target)
+        except OSError:
+            shutil.copyfile(item.source, target)
+            os.chmod(target, 0o444)
+        digest = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != item.sha256:
+            raise IntegrityError(item.name, item.sha256, digest.hexdigest())
+        staged[item.name] = target
+    return staged
+
+
+class IntegrityError(Exception):
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        super().__init__(f"The stored {name} no longer matches the sha256 recorded when it was submitted "
+                         f"({expected[:12]}… expected, {actual[:12]}… found): it was changed after admission, so the "
+                         "job was not run. Submit the job again.")
+
+
+def _signal_of(returncode: int | None, sandboxed: bool) -> int | None:
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    if sandboxed and returncode > 128:  # bwrap reports a child killed by signal N as 128 + N
+        return returncode - 128
+    return None
+
+
+class _CappedCopy(threading.Thread):
+    """Copy a pipe into a file, keeping at most ``limit`` bytes; ``over`` once the child sent more."""
+
+    def __init__(self, fd: int, path: Path, limit: int, *, drain: bool) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.path, self.limit, self.drain = fd, path, limit, drain
+        self.size = 0
+        self.over = False
+        self.digest = hashlib.sha256()
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        try:
+            with os.fdopen(self.fd, "rb", closefd=True) as src, open(self.path, "wb") as out:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    room = self.limit - self.size
+                    if len(chunk) > room:
+                        self.over = True
+                        chunk = chunk[:max(room, 0)]
+                        if not self.drain:
+                            out.write(chunk)
+                            self.size += len(chunk)
+                            return
+                    out.write(chunk)
+                    self.digest.update(chunk)
+                    self.size += len(chunk)
+        except OSError as exc:
+            self.error = exc
+
+
+class _Events(threading.Thread):
+    """Read the child's JSON lines; forward progress; keep the last result or error."""
+
+    def __init__(self, fd: int, on_progress: Callable[[str, int, int, str | None], None]) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.on_progress = fd, on_progress
+        self.result: dict[str, Any] | None = None
+        self.artifact_bytes: int | None = None
+        self.error: tuple[str, str] | None = None
+        self.stage = "loading"
+        self.bad: str | None = None
+
+    def run(self) -> None:
+        with os.fdopen(self.fd, "rb", closefd=True) as src:
+            while True:
+                line = src.readline(MAX_EVENT_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_EVENT_BYTES:
+                    self.bad = f"an event of more than {MAX_EVENT_BYTES} bytes"
+                    return
+                try:
+                    self._handle(json.loads(line))
+                except (ValueError, TypeError, KeyError) as exc:
+                    self.bad = f"a malformed event ({clean_text(exc, 200)})"
+                    return
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "progress":
+            stage, done, total = str(event["stage"])[:32], int(event["done"]), int(event["total"])
+            self.stage = stage
+            message = event.get("message")
+            self.on_progress(stage, done, total, clean_text(message, 500) if message else None)
+        elif kind == "result":
+            self.result = check_result(event["result"])
+            self.artifact_bytes = int(event["artifact_bytes"])
+            self.stage = "storing"
+        elif kind == "error":
+            code = str(event["code"])
+            self.error = (code if CODE_RE.match(code) else "model_failed", clean_text(event["message"]))
+            self.stage = clean_text(event.get("stage", self.stage), 32)
+        else:
+            raise ValueError(f"unknown event {kind!r}")
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything one child run needs, fixed by the supervisor before it starts."""
+
+    inputs: list[Input]
+    config: dict[str, Any]
+    limits: sandbox.Limits
+    isolate: bool
+    work: Path  # private folder for this run (staging, artifact, log)
+    log_path: Path
+    max_log_bytes: int
+    tmp_bytes: int
+    cuda_visible: str | None = None
+
+
+def child_command() -> list[str]:
+    """``python -I`` (no environment variables, no user site, no cwd on the path) running ``service.child``.
+
+    The folder holding the ``service`` package goes first on the path, so a source checkout that is not
+    pip-installed works too; inside the sandbox that folder shows only the two packages (isolation.py).
+    """
+    import service
+
+    root = str(Path(service.__file__).resolve().parent.parent)
+    return [sys.executable, "-I", "-c",
+            f"import sys; sys.path.insert(0, {root!r}); from service.child import main; sys.exit(main())"]
+
+
+def _child_env(spec: ChildSpec, tmp: str) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+    if spec.cuda_visible is not None:
+        env.update(CUDA_VISIBLE_DEVICES=spec.cuda_visible, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_child(spec: ChildSpec, *, on_progress: Callable[[str, int, int, str | None], None],
+              should_stop: Callable[[], bool]) -> Outcome:
+    """Run one job's certification in an untrusted child and judge its outcome."""
+    t0 = time.perf_counter()
+    staged = stage_inputs(spec.inputs, spec.work / "in")
+    file_limit = spec.limits.file_bytes or (1 << 62)
+    artifact = spec.work / "artifact.pt"
+    python = child_command()
+    events_r, events_w = os.pipe()
+    artifact_r, artifact_w = os.pipe()
+    log_r, log_w = os.pipe()
+    if spec.isolate:
+        view = isolation.SandboxView(inputs=staged, tmp_bytes=spec.tmp_bytes, out_bytes=file_limit,
+                                     gpu_devices=isolation.gpu_device_nodes(spec.cuda_visible),
+                                     env=_child_env(spec, "/tmp"))
+        argv = isolation.bwrap_argv(view, python)
+        env: dict[str, str] = {}
+        paths = {name: f"/in/{name}" for name in staged}
+        out_dir = "/out"
+        uid = isolation.outside_uid(view)
+    else:
+        tmp = spec.work / "tmp"
+        out = spec.work / "out"
+        for folder in (tmp, out):
+            folder.mkdir(exist_ok=True)
+        argv, env = python, _child_env(spec, str(tmp))
+        paths = {name: str(path) for name, path in staged.items()}
+        out_dir, uid = str(out), None
+    request = {"model": paths["model.pt"], "data": paths[next(n for n in staged if n.startswith("data"))],
+               "uncertainty": paths.get("uncertainty.safetensors"), "config": spec.config,
+               "limits": asdict(spec.limits), "out_dir": out_dir, "events_fd": events_w, "artifact_fd": artifact_w}
+
+    def preexec() -> None:
+        isolation.drop_to(uid)
+        _die_with_supervisor()  # after the uid change, which clears it
+        sandbox.apply(spec.limits)
+
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_w, stderr=log_w, env=env,
+                                pass_fds=(events_w, artifact_w), preexec_fn=preexec, start_new_session=True,
+                                cwd=out_dir if not spec.isolate else "/")
+    finally:
+        for fd in (events_w, artifact_w, log_w):
+            os.close(fd)
+    log_copy = _CappedCopy(log_r, spec.log_path, spec.max_log_bytes, drain=True)
+    receiver = _CappedCopy(artifact_r, artifact, file_limit, drain=False)
+    events = _Events(events_r, on_progress)
+    for thread in (log_copy, receiver, events):
+        thread.start()
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write((json.dumps(request) + "\n").encode())
+        proc.stdin.close()
+    except OSError:
+        pass  # it died at once; its exit status says why
+    cancelled = killed_for = None
+    while proc.poll() is None:
+        if receiver.over:
+            killed_for = "artifact"
+        elif events.bad:
+            killed_for = "event"
+        elif should_stop():
+            cancelled = True
+        if cancelled or killed_for:
+            _kill(proc)
+            break
+        time.sleep(POLL_S)
+    proc.wait()
+    for thread in (events, receiver, log_copy):
+        thread.join(10)
+    timings = {"child_s": time.perf_counter() - t0}
+    if cancelled:
+        return Outcome("cancelled", timings=timings)
+    return _judge(proc.returncode, spec, events, receiver, artifact, killed_for, timings)
+
+
+def _die_with_supervisor() -> None:
+    """The child gets SIGKILL when the supervisor dies (killed by the executor on a timeout, say)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap, or the whole unsandboxed child's group
+    except ProcessLookupError:
+        pass
+
+
+def _judge(returncode: int, spec: ChildSpec, events: _Events, receiver: _CappedCopy, artifact: Path,
+           killed_for: str | None, timings: dict[str, float]) -> Outcome:
+    limit = spec.limits.file_bytes
+    if killed_for == "artifact" or (events.artifact_bytes is not None and limit and events.artifact_bytes > limit):
+        return Outcome("failed", code="artifact_write_failed", timings=timings,
+                       message=f"The pruned model is larger than a job may write ({limit:,} bytes, "
+                               "CERTIPRUNE_SANDBOX_MAX_FILE_BYTES). No artifact was stored.")
+    if killed_for == "event" or events.bad:
+        return Outcome("failed", code="model_protocol_violation", timings=timings,
+                       message=f"The job's process sent {events.bad}; it was stopped and nothing it produced was kept.")
+    if events.error is not None:
+        code, message = events.error
+        return Outcome("failed", code=code, message=message, timings=timings)
+    sig = _signal_of(returncode, spec.isolate)
+    if events.result is not None and returncode == 0:
+        if receiver.error is not None:
+            return Outcome("failed", code="artifact_write_failed", timings=timings,
+                           message=f"Writing the pruned model failed: {clean_text(receiver.error, 300)}. The server's "
+                                   "disk may be full. No artifact was stored.")
+        if receiver.size != events.artifact_bytes:
+            return Outcome("failed", code="artifact_write_failed", timings=timings,
+                           message="The pruned model arrived incomplete; no artifact was stored.")
+        return Outcome("succeeded", result=events.result, artifact=artifact,
+                       artifact_sha256=receiver.digest.hexdigest(), timings=timings)
+    failure = sandbox_death(sig, events.stage)
+    if failure is not None:
+        return Outcome("failed", code=failure[0], message=failure[1], timings=timings)
+    how = f"was killed by {signal.Signals(sig).name}" if sig else f"exited with status {returncode}"
+    return Outcome("failed", code="model_crashed", timings=timings,
+                   message=f"The process running the model {how} during '{events.stage}' without reporting an "
+                           "outcome (a crash in the model's code or in a native library). The job's log holds its "
+                           "output for the operator.")
+
+
+def sandbox_death(sig: int | None, stage: str) -> tuple[str, str] | None:
+    """(code, message) for a child killed by one of the sandbox's limits."""
+    if sig == signal.SIGXCPU:
+        return "job_timeout", ("The job used up the CPU time a run may take and was stopped "
+                               "(CERTIPRUNE_SANDBOX_MAX_CPU_S). Check that the model's forward terminates, use fewer "
+                               "sparsity levels or a smaller calibration set, or ask the operator to raise the limit.")
+    if sig == signal.SIGXFSZ or (sig == signal.SIGABRT and stage == "saving"):
+        return "artifact_write_failed", ("The job's process crashed while writing the pruned model: it is larger than "
+                                         "a job may write (CERTIPRUNE_SANDBOX_MAX_FILE_BYTES). No artifact was stored.")
+    return None
+
+
+def remove_run_folder(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["ChildSpec", "Input", "IntegrityError", "Outcome", "check_result", "clean_text", "remove_run_folder",
+           "run_child", "sandbox_death", "stage_inputs"]

@@ -1,0 +1,277 @@
+"""The trust boundary, tried as an attacker: two tenants on a real server, a real bubblewrap sandbox.
+
+Tenant A (the victim) stores a dataset and certifies a model. Tenant B (the attacker) then runs code
+in the child that runs models. The child is given *arbitrary Python* — strictly more than a
+TorchScript model can do even before the operator allowlist refuses it — and tries to read and
+overwrite A's dataset, model and artifact, the job store and the API-key file, to write into the
+Python installation, to reach the server over the network, to see other processes, and to fill
+the disk. Afterwards every file of A and of the server is bit-identical (sha256), nothing of A's
+appears in what B got back, the server serves both tenants, and A's next job certifies the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+from service_harness import FAST_CONFIG, KEY_A, KEY_B, REPO, Inputs, Server, assert_error, submit, wait_terminal
+
+from service import isolation, sandbox
+from service.supervisor import ChildSpec, Input, run_child
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(isolation.probe() is not None, reason=f"no sandbox here: {isolation.probe()}")]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (the SQLite WAL files change with every read; they are the store's)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.endswith(("-wal", "-shm")):
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+ATTACK = textwrap.dedent('''
+    import json, os, socket, sys
+    targets = json.loads(sys.argv[1])
+    port = int(sys.argv[2])
+    report = {"uid": os.getuid(), "root": sorted(os.listdir("/")), "pids": sorted(p for p in os.listdir("/proc")
+              if p.isdigit()), "read": {}, "wrote": {}, "listed": {}}
+    secret_bytes = []
+    for path in targets:
+        try:
+            with open(path, "rb") as fh:
+                secret_bytes.append(fh.read(64).hex())
+            report["read"][path] = True
+        except OSError as exc:
+            report["read"][path] = type(exc).__name__
+        try:
+            with open(path, "r+b") as fh:
+                fh.write(b"\\0" * 16)
+            report["wrote"][path] = True
+        except OSError as exc:
+            report["wrote"][path] = type(exc).__name__
+    for folder in [os.path.dirname(t) for t in targets] + ["/root", "/home", "/work", "/etc"]:
+        try:
+            report["listed"][folder] = os.listdir(folder)
+        except OSError as exc:
+            report["listed"][folder] = type(exc).__name__
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    for folder in site + [os.path.dirname(os.__file__)]:
+        try:
+            with open(os.path.join(folder, "zz_evil.pth"), "w") as fh:
+                fh.write("import os; os.system('touch /tmp/pwned')")
+            report["wrote"][folder] = True
+        except OSError as exc:
+            report["wrote"][folder] = type(exc).__name__
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+        report["network"] = True
+    except OSError as exc:
+        report["network"] = type(exc).__name__
+    filled = {}
+    for where in ("/tmp", "/out"):
+        written = 0
+        try:
+            with open(os.path.join(where, "fill"), "wb") as fh:
+                for _ in range(64):
+                    written += fh.write(b"x" * (1 << 20))
+                    fh.flush()
+        except OSError as exc:
+            filled[where] = [written, type(exc).__name__]
+        else:
+            filled[where] = [written, None]
+    report["filled"] = filled
+    report["secrets"] = secret_bytes
+    print(json.dumps(report))
+''')
+
+
+@pytest.fixture
+def victim_server(make_server, inputs: Inputs) -> tuple[Server, dict, Path]:
+    """A server with two tenants; A has a stored dataset and a finished job. Returns (server, A's state, keys file)."""
+    keys_file = inputs.model.parent / "keys.txt"
+    keys_file.write_text(f"{KEY_A}\n{KEY_B}\n")
+    server = make_server(api_keys=f"{KEY_A},{KEY_B}", sandbox="on")
+    with server.client(KEY_A) as a:
+        ds = a.post("/v1/datasets", files={"file": ("cal.npz", inputs.data.read_bytes())}).json()
+        job = submit(a, inputs.model, dataset=ds["id"], config=FAST_CONFIG).json()
+        done = wait_terminal(a, job["id"], timeout=120)
+        assert done["status"] == "succeeded", (done, server.log())
+    return server, {"dataset": ds, "job": done}, keys_file
+
+
+def test_code_inside_the_sandbox_reaches_nothing_of_other_tenants_or_the_server(
+        victim_server: tuple[Server, dict, Path], tmp_path: Path) -> None:
+    server, victim, keys_file = victim_server
+    before = tree_digest(server.data_dir)
+    keys_before = keys_file.read_bytes()
+    targets = [str(server.data_dir / rel) for rel in before] + [str(keys_file)]
+    assert any("certiprune.db" in t for t in targets) and any(t.endswith("artifact.pt") for t in targets)
+    own = tmp_path / "own.npz"
+    own.write_bytes(b"the attacker's own input")
+    view = isolation.SandboxView(inputs={"own.npz": own}, tmp_bytes=8 << 20, out_bytes=8 << 20,
+                                 env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    argv = isolation.bwrap_argv(view, [sys.executable, "-I", "-c", ATTACK, json.dumps(targets), str(server.port)])
+    uid = isolation.outside_uid(view)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: isolation.drop_to(uid))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["uid"] == isolation.CHILD_UID
+    assert set(report["root"]) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev",
+                                   "tmp", "out", "in", "root", "work", "opt", "home", "srv"}, report["root"]
+    assert len(report["pids"]) <= 3, report["pids"]  # its own PID namespace: bwrap's init, python
+    assert all(v != True for v in report["read"].values()), report["read"]  # noqa: E712
+    assert all(v != True for v in report["wrote"].values()), report["wrote"]  # noqa: E712
+    assert report["secrets"] == []
+    victim_names = {Path(t).name for t in targets} | {p.name for p in server.data_dir.rglob("*")}
+    seen = {name for v in report["listed"].values() if isinstance(v, list) for name in v}
+    assert not seen & victim_names, (seen & victim_names, report["listed"])
+    assert report["network"] != True, report["network"]  # noqa: E712
+    for where in ("/tmp", "/out"):  # each tmpfs stops at its cap (8 MiB)
+        written, error = report["filled"][where]
+        assert written <= 8 << 20 and error == "OSError", report["filled"]
+    # The victim's files, the store and the keys file are bit-identical; both tenants are served.
+    assert tree_digest(server.data_dir) == before
+    assert keys_file.read_bytes() == keys_before
+    for key in (KEY_A, KEY_B):
+        with server.client(key) as c:
+            assert c.get("/v1/jobs").status_code == 200
+    with server.client(KEY_A) as a:
+        assert a.get(f"/v1/jobs/{victim['job']['id']}").json()["result"] == victim["job"]["result"]
+    assert not any(Path(p).name == "zz_evil.pth" for p in map(str, isolation.python_paths()))
+    for folder in isolation.python_paths():
+        assert not list(folder.rglob("zz_evil.pth"))
+
+
+def test_a_job_runs_in_the_sandbox_and_its_output_stays_in_its_own_log(
+        victim_server: tuple[Server, dict, Path], inputs: Inputs) -> None:
+    server, victim, _ = victim_server
+    job_id = victim["job"]["id"]
+    assert f"{job_id}: child sandboxed (bubblewrap)" in server.log_path.read_text()
+    assert (server.data_dir / "jobs" / job_id / "child.log").is_file()
+    assert not list((server.data_dir / "jobs" / job_id).glob(".run-*"))  # the staging copy is gone
+    # The artifact the supervisor stored is the one it hashed, whatever the child claimed.
+    with server.client(KEY_A) as a:
+        r = a.get(f"/v1/jobs/{job_id}/artifact")
+        assert hashlib.sha256(r.content).hexdigest() == victim["job"]["result"]["artifact_sha256"]
+        with server.client(KEY_B) as b:  # and the other tenant sees none of it
+            assert_error(b.get(f"/v1/jobs/{job_id}"), 404)
+            assert_error(b.get(f"/v1/datasets/{victim['dataset']['id']}"), 404)
+
+
+def test_a_stored_input_changed_after_admission_is_never_used(
+        victim_server: tuple[Server, dict, Path], inputs: Inputs) -> None:
+    """The attack that certified 0.99 instead of 0.32: overwrite A's stored dataset. The supervisor re-hashes what
+    it hands over, so A's next job fails ``input_integrity_error`` and runs nothing."""
+    server, victim, _ = victim_server
+    ds = victim["dataset"]
+    stored = next((server.data_dir / "datasets").rglob("*.npz"))
+    original = stored.read_bytes()
+    import numpy as np
+
+    with np.load(inputs.data) as z:
+        x, y = z["x"], z["y"]
+    forged = stored.parent / "forged.npz"
+    np.savez(forged, x=x, y=np.zeros_like(y))
+    os.replace(forged, stored)
+    try:
+        with server.client(KEY_A) as a:
+            job = submit(a, inputs.model, dataset=ds["id"], config=FAST_CONFIG).json()
+            done = wait_terminal(a, job["id"], timeout=120)
+            assert done["status"] == "failed" and done["error"]["code"] == "input_integrity_error", done
+            assert "no longer matches the sha256" in done["error"]["message"]
+            assert_error(a.get(f"/v1/jobs/{job['id']}/artifact"), 409)
+    finally:
+        stored.write_bytes(original)
+    with server.client(KEY_A) as a:  # restored: the same certificate as before
+        job = submit(a, inputs.model, dataset=ds["id"], config=FAST_CONFIG).json()
+        again = wait_terminal(a, job["id"], timeout=120)
+        assert again["status"] == "succeeded"
+        assert again["result"]["certified_sparsity"] == victim["job"]["result"]["certified_sparsity"]
+        assert again["result"]["levels"] == victim["job"]["result"]["levels"]
+
+
+def test_serve_refuses_to_start_with_keys_when_the_sandbox_is_unavailable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTIPRUNE_")}
+    env.update(PATH=str(tmp_path), CERTIPRUNE_API_KEYS=KEY_A)  # no bwrap on this PATH
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(tmp_path / "data"),
+                           "--port", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to start" in proc.stderr and "apt-get install bubblewrap" in proc.stderr
+    off = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(tmp_path / "data"),
+                          "--sandbox", "off"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert off.returncode == 2 and "SANDBOX=off" in off.stderr, off.stderr
+
+
+def test_the_supervisor_judges_a_child_by_what_it_did_not_what_it_said(tmp_path: Path, inputs: Inputs) -> None:
+    """A real run through the supervisor: the outcome's artifact hash is the supervisor's own, the result has the
+    result's shape, and a child that dies by the CPU limit fails ``job_timeout``."""
+    model = Input(inputs.model, "model.pt", hashlib.sha256(inputs.model.read_bytes()).hexdigest())
+    data = Input(inputs.data, "data.npz", hashlib.sha256(inputs.data.read_bytes()).hexdigest())
+    limits = sandbox.Limits(address_space_bytes=None, cpu_seconds=600, file_bytes=64 << 20, open_files=1024)
+    spec = ChildSpec(inputs=[model, data], config=FAST_CONFIG, limits=limits, isolate=True, work=tmp_path / "run",
+                     log_path=tmp_path / "child.log", max_log_bytes=1 << 16, tmp_bytes=64 << 20)
+    stages = []
+    outcome = run_child(spec, on_progress=lambda s, d, t, m: stages.append(s), should_stop=lambda: False)
+    assert outcome.status == "succeeded", outcome
+    assert outcome.artifact_sha256 == hashlib.sha256(outcome.artifact.read_bytes()).hexdigest()
+    assert "testing" in stages and "saving" in stages
+    tight = ChildSpec(**{**spec.__dict__, "limits": sandbox.Limits(None, 1, 64 << 20, 1024),
+                         "config": {"full_curve": True, "epsilon": 0.05}, "work": tmp_path / "run2"})
+    slow = run_child(tight, on_progress=lambda *a: None, should_stop=lambda: False)
+    assert slow.status == "failed" and slow.code == "job_timeout", slow
+
+
+# -- the smaller holes found with it ------------------------------------------------------------
+
+def test_metrics_need_a_key_a_key_in_a_page_url_stays_out_of_the_log_and_zip_bombs_are_refused(
+        tmp_path: Path, inputs: Inputs) -> None:
+    import numpy as np
+
+    server = Server(data_dir=tmp_path / "data", args=["--log-level", "info"],
+                    env={"CERTIPRUNE_API_KEYS": f"{KEY_A},{KEY_B}", "CERTIPRUNE_MAX_UPLOAD_BYTES": str(8 << 20)}).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+            assert_error(anonymous.get("/metrics"), 401, "unauthorized")
+            anonymous.get("/", params={"key": KEY_B})
+        with server.client(KEY_A) as a:
+            assert a.get("/metrics").status_code == 200
+            bomb = tmp_path / "bomb.npz"  # 64 MiB of zeros in ~70 KB
+            np.savez_compressed(bomb, x=np.zeros((262144, 64), np.float32), y=np.zeros(262144, np.int64))
+            assert bomb.stat().st_size < 1 << 20
+            err = assert_error(a.post("/v1/datasets", files={"file": ("bomb.npz", bomb.read_bytes())}), 422,
+                               "data_too_large")
+            assert "inflates to" in err["message"] and "CERTIPRUNE_MAX_UPLOAD_BYTES" in err["message"]
+            err = assert_error(submit(a, inputs.model, data=bomb), 422, "data_too_large")
+            assert a.get("/v1/datasets").json()["count"] == 0
+            # an ordinary compressed set still passes
+            ok = tmp_path / "ok.npz"
+            with np.load(inputs.data) as z:
+                np.savez_compressed(ok, x=z["x"], y=z["y"])
+            assert a.post("/v1/datasets", files={"file": ("ok.npz", ok.read_bytes())}).status_code == 201
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "GET /?key=" in log and "[redacted]" in log  # the request was logged ...
+    assert KEY_B not in log  # ... without the key
+
+
+def test_the_data_dir_may_not_overlap_an_allowed_dataset_root(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for root in (tmp_path, tmp_path / "data", tmp_path / "data" / "datasets"):
+        with pytest.raises(ValidationError, match="overlaps the data dir"):
+            Settings(data_dir=str(tmp_path / "data"), allowed_dataset_roots=[str(root)])
+    Settings(data_dir=str(tmp_path / "data"), allowed_dataset_roots=[str(tmp_path / "shared")])
