@@ -45,7 +45,7 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                    "disagreement without)")
     p.add_argument("--epsilon", type=float, help="tolerance ε in (0, 1) for the risk (default 0.01)")
     p.add_argument("--delta", type=float, help="allowed failure probability δ in (0, 1) (default 0.1: 90%% sure)")
-    p.add_argument("--bound", choices=BOUNDS, help="p-value and confidence bound (default auto, which is binomial)")
+    p.add_argument("--bound", choices=BOUNDS, help="p-value and confidence bound (default auto: paired_exact for accuracy_drop, binomial otherwise)")
     p.add_argument("--procedure", choices=PROCEDURES,
                    help="family-wise error control over the levels (default fixed_sequence)")
     p.add_argument("--sparsities", help="comma-separated increasing list, e.g. 0.1,0.2,0.3")

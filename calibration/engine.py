@@ -190,6 +190,15 @@ def _more_data(best: dict[str, Any], grid: Any, failed_losses: dict[tuple[str, i
                      "At the risk observed here, more calibration data alone would not certify this level.")}
 
 
+def _bound_note(bound: str, risk: str, epsilon: float) -> str | None:
+    """A warning in the result when the chosen bound is known to certify little for this risk."""
+    if bound == "hb" and risk == "accuracy_drop":
+        return (f"Hoeffding–Bentkus on accuracy_drop tests (D + 1)/2 against (1 + ε)/2 with a factor e: at "
+                f"ε = {epsilon:.4g} it is close to vacuous (at n = 2000, ε = 0.01 it needs b − c ≤ −62: pruning "
+                "must fix far more errors than it makes). 'paired_exact' (the default) certifies much more.")
+    return None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -344,15 +353,27 @@ def certify(
             levels: list[dict[str, Any]] = []
             p_values = np.full(n_levels, np.nan)
             stopped = False
+            # The per-test level this procedure rejects at (δ_each for fixed-sequence, δ_each/K for
+            # Bonferroni): fixed before D_cal is seen, it calibrates paired_exact and tunes wsr's bets.
+            alpha = procedure.level_alpha(delta_each, n_levels)
             for j, sparsity in enumerate(grid):
                 run.report("testing", ci * n_levels + j, total, f"{name}: sparsity {sparsity:.2%}")
                 if stopped and not cfg.full_curve:
                     levels.append({"sparsity": sparsity, "empirical_risk": None, "p_value": None,
                                    "rejected": False, "evaluated": False, "upper_bound": None})
                     continue
-                if sparsity == 0.0:
-                    # λ = 0 is the dense model itself: its risk is 0 by definition, no test is spent on it.
+                if sparsity == 0.0 and risk != "error_rate":
+                    # λ = 0 is the dense model itself: its accuracy drop / disagreement is 0 by definition,
+                    # no test is spent on it. (Under error_rate its risk is its own error: tested below.)
                     p, risk_hat, ucb = 0.0, 0.0, 0.0
+                elif sparsity == 0.0:
+                    losses = per_sample_losses(risk, dense_cal_np, dense_cal_np, y_cal)
+                    p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
+                    risk_hat = float(empirical_risk(losses))
+                    ucb = float(upper_confidence_bound(bound, risk, losses, alpha, epsilon=cfg.epsilon))
+                    evaluated_levels += 1
+                    if p > alpha:
+                        failed_losses[(name, j)] = losses
                 else:
                     keep = masks.keep_masks(sparsity)
                     apply_masks(params, originals, keep)
@@ -369,11 +390,11 @@ def certify(
                     if y_cal is not None:
                         tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
                     losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
-                    p = float(p_value(bound, risk, losses, cfg.epsilon))
+                    p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
                     risk_hat = float(empirical_risk(losses))
-                    ucb = float(upper_confidence_bound(bound, risk, losses, delta_each))
+                    ucb = float(upper_confidence_bound(bound, risk, losses, alpha, epsilon=cfg.epsilon))
                     evaluated_levels += 1
-                    if p > procedure.level_alpha(delta_each, n_levels):
+                    if p > alpha:
                         failed_losses[(name, j)] = losses
                 p_values[j] = p
                 if procedure.stops_early and p > delta_each:
@@ -446,6 +467,7 @@ def certify(
         "levels_evaluated": evaluated_levels,
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
         "more_data": more_data,
+        "bound_note": _bound_note(bound, risk, cfg.epsilon),
         "pattern": cfg.pattern,
         "pattern_layers": ([weights[i].name for i in masks.made_two_four(certified_sparsity)]
                            if isinstance(masks, PatternMasks) else None),

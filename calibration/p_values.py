@@ -8,7 +8,15 @@ are valid under the *closed* null R ≥ ε, so a risk sitting exactly at ε is c
 - ``hb``: Hoeffding–Bentkus for [0, 1] losses (Bates et al. 2021, "Distribution-free,
   risk-controlling prediction sets", arXiv 2101.02703, Prop. 3; Bentkus 2004).
 - ``wsr``: a one-sided Waudby-Smith–Ramdas betting test (Waudby-Smith & Ramdas 2023,
-  "Estimating means of bounded random variables by betting", JRSS-B, arXiv 2010.09686).
+  "Estimating means of bounded random variables by betting", JRSS-B, arXiv 2010.09686). Its bets are
+  tuned to the per-test level in use (``alpha``), fixed before D_cal is seen.
+- ``paired_exact`` (accuracy_drop only): the exact unconditional test on the paired counts (b new
+  errors, c fixed errors), anchored on the binomial cut, computed at the per-test level ``alpha``
+  (``paired_test.py``: statistic, proof and algorithm). ``auto`` for accuracy_drop.
+
+``hb`` on accuracy_drop tests the mean of (D + 1)/2 ∈ {0, ½, 1} against (1 + ε)/2 with a factor e: at
+small ε it is vacuous in practice (n = 2000, ε = 0.01 needs b − c ≤ −62, i.e. pruning must fix
+many more errors than it makes); prefer ``paired_exact``.
 
 Counts are integers throughout: k and the loss total come from integer sums of int8 losses,
 never from a float mean multiplied by n (which can round ⌈n r̂⌉ the wrong way).
@@ -37,10 +45,11 @@ from scipy import special
 from .errors import ConfigError, DataError
 from .risks import LOSS_VALUES, check_risk
 
-BOUNDS: tuple[str, ...] = ("auto", "binomial", "hb", "wsr")
-CONCRETE_BOUNDS: tuple[str, ...] = ("binomial", "hb", "wsr")
+BOUNDS: tuple[str, ...] = ("auto", "binomial", "hb", "wsr", "paired_exact")
+CONCRETE_BOUNDS: tuple[str, ...] = ("binomial", "hb", "wsr", "paired_exact")
+PAIRED_RISKS: tuple[str, ...] = ("accuracy_drop",)
 
-WSR_DELTA_REF = 0.1  # the level the predictable plug-in bets are tuned for (not a validity knob)
+WSR_DELTA_REF = 0.1  # default level the bets are tuned for when none is given (not a validity knob)
 WSR_C = 0.75  # bets λ_t ≤ c/(1 − ε): every capital factor stays ≥ 1 − c > 0
 
 
@@ -79,16 +88,22 @@ def check_bound(bound: str) -> str:
 
 
 def resolve_bound(bound: str, risk: str) -> str:
-    """Resolve ``auto`` by a FIXED rule, decided before D_cal is seen: always ``binomial``.
+    """Resolve ``auto`` by a FIXED rule, decided before D_cal is seen (SPEC §1).
 
-    The binomial tail is exact for 0/1 losses and, via the new-error indicator F, for
-    ``accuracy_drop``. Picking the smallest of several p-values after seeing the data would
-    break validity (LTT §3; combining tests needs a Bonferroni factor), so the rule never
-    looks at the losses.
+    ``accuracy_drop`` → ``paired_exact`` (it uses the errors pruning fixes, which the binomial on F
+    discards, and contains the binomial's rejections by construction); ``disagreement`` and
+    ``error_rate`` → ``binomial`` (exact for 0/1 losses). The rule depends on the risk only, never on
+    the losses: picking the smallest of several p-values after seeing the data would break validity
+    (LTT §3; combining tests needs a Bonferroni factor).
     """
     check_bound(bound)
     check_risk(risk)
-    return "binomial" if bound == "auto" else bound
+    if bound == "auto":
+        return "paired_exact" if risk in PAIRED_RISKS else "binomial"
+    if bound == "paired_exact" and risk not in PAIRED_RISKS:
+        raise ConfigError(f"The 'paired_exact' bound tests paired counts of accuracy_drop; the risk {risk!r} has "
+                          "0/1 losses: use 'binomial' (exact for them) or 'auto'.")
+    return bound
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -241,6 +256,7 @@ class _Sample:
     risk: str
     n: int
     new_errors: int  # #{L_i = 1}: k for binomial
+    fixed_errors: int  # #{L_i = −1} (accuracy_drop): c for paired_exact
     total: int  # Σ scale·L'_i of the [0, 1]-mapped losses L' (hb)
     scale: int  # 2 for accuracy_drop ((D+1)/2 ∈ {0, ½, 1}), else 1
     x01: np.ndarray | None  # the mapped losses in order, shape (n,), for wsr only
@@ -282,37 +298,56 @@ def _prepare(bound: str, risk: str, losses: np.ndarray) -> _Sample:
     x01 = None
     if bound == "wsr":
         x01 = (arr.astype(np.float64) + 1.0) / 2.0 if scale == 2 else arr.astype(np.float64)
-    return _Sample(bound, risk, n, new_errors, total, scale, x01)
+    fixed_errors = int(np.count_nonzero(arr == -1)) if risk == "accuracy_drop" else 0
+    return _Sample(bound, risk, n, new_errors, fixed_errors, total, scale, x01)
 
 
 def _test_level(bound: str, risk: str, epsilon: float) -> float:
     """ε on the scale of the test: (1 + ε)/2 for hb/wsr on accuracy_drop, else ε."""
-    return (1.0 + epsilon) / 2.0 if (risk == "accuracy_drop" and bound != "binomial") else epsilon
+    return (1.0 + epsilon) / 2.0 if (risk == "accuracy_drop" and bound in ("hb", "wsr")) else epsilon
 
 
-def _p_on_test_scale(s: _Sample, eps_test: float) -> float:
+def _p_on_test_scale(s: _Sample, eps_test: float, alpha: float | None) -> float:
     if s.n == 0:
         return 1.0
     if s.bound == "binomial":
         return binomial_p_value(s.new_errors, s.n, eps_test)
     if s.bound == "hb":
         return hb_p_value(s.total, s.n, eps_test, s.scale, binary=s.scale == 1)
+    if s.bound == "paired_exact":
+        from .paired_test import paired_exact_p_value
+
+        assert alpha is not None
+        return paired_exact_p_value(s.new_errors, s.fixed_errors, s.n, eps_test, alpha)
     assert s.x01 is not None
-    return wsr_p_value(s.x01, eps_test)
+    return wsr_p_value(s.x01, eps_test, delta_ref=alpha if alpha is not None else WSR_DELTA_REF)
 
 
-def p_value(bound: str, risk: str, losses: np.ndarray, epsilon: float) -> float:
+def _alpha_for(bound: str, alpha: float | None) -> float | None:
+    if alpha is None:
+        if bound == "paired_exact":
+            raise ConfigError("The 'paired_exact' bound is computed at the per-test level in use: pass alpha "
+                              "(δ for fixed-sequence, δ/K for Bonferroni, each divided by the number of criteria).")
+        return None
+    return _level("alpha", alpha)
+
+
+def p_value(bound: str, risk: str, losses: np.ndarray, epsilon: float, *, alpha: float | None = None) -> float:
     """Valid p-value for H: R(λ) > ε from one level's per-sample losses (shape (n_samples,)).
 
     ``losses`` come from ``risks.per_sample_losses`` (int8; {−1, 0, 1} for accuracy_drop,
-    {0, 1} otherwise). ``bound`` ∈ {auto, binomial, hb, wsr}; ``auto`` → ``resolve_bound``.
-    For wsr the losses are bet on in the given order: shuffle D_cal once, with the recorded
-    seed, before calling. An empty sample gives p = 1 (no evidence, nothing certified).
+    {0, 1} otherwise). ``bound`` ∈ {auto, binomial, hb, wsr, paired_exact}; ``auto`` →
+    ``resolve_bound``. ``alpha`` is the per-test level the procedure uses (fixed before D_cal is
+    seen): required by paired_exact (its rejection region is calibrated at α; the p-value is valid
+    at every level and ≤ α exactly when it rejects), and it tunes the wsr bets. For wsr the losses
+    are bet on in the given order: shuffle D_cal once, with the recorded seed, before calling. An
+    empty sample gives p = 1 (no evidence, nothing certified).
     """
     b = resolve_bound(bound, risk)
     eps = _level("epsilon", epsilon)
+    a = _alpha_for(b, alpha)
     s = _prepare(b, risk, losses)
-    return _p_on_test_scale(s, _test_level(b, risk, eps))
+    return _p_on_test_scale(s, _test_level(b, risk, eps), a)
 
 
 def upper_confidence_bound(
@@ -321,6 +356,7 @@ def upper_confidence_bound(
     losses: np.ndarray,
     alpha: float,
     *,
+    epsilon: float | None = None,
     tol: float = 1e-9,
 ) -> float:
     """The (1 − α) upper confidence bound of the risk by inverting ``p_value`` (for plots).
@@ -330,22 +366,30 @@ def upper_confidence_bound(
     hb/wsr on accuracy_drop ε = 2ε' − 1. Returns the top of the range (1) when no ε' < 1
     rejects. binomial and hb p-values decrease in ε, so bisection finds the exact crossing;
     the wsr p-value is not guaranteed monotone in ε (the bet cap moves with ε), so for wsr it
-    is a crossing, good for plotting but not the basis of any certificate.
+    is a crossing, good for plotting but not the basis of any certificate. For paired_exact
+    (``epsilon`` required: the ε the test certifies at) it is the smallest ε′ on the grid ε·1.1^j that
+    the test at level α rejects, ≤ ε exactly when the level is rejected at ε (``paired_test``).
     """
     b = resolve_bound(bound, risk)
     a = _level("alpha", alpha)
     s = _prepare(b, risk, losses)
+    if b == "paired_exact":
+        from .paired_test import paired_exact_upper_bound
+
+        if epsilon is None:
+            raise ConfigError("upper_confidence_bound for 'paired_exact' needs the epsilon the test is run at.")
+        return paired_exact_upper_bound(s.new_errors, s.fixed_errors, s.n, _level("epsilon", epsilon), a)
     lo, hi = 0.0, 1.0  # invariant: p(lo) > α (p → 1 as ε' → 0), hi rejects or is the top
     if s.n > 0:
         while hi - lo > tol:
             mid = 0.5 * (lo + hi)
             if mid <= 0.0 or mid >= 1.0:
                 break
-            if _p_on_test_scale(s, mid) <= a:
+            if _p_on_test_scale(s, mid, a) <= a:
                 hi = mid
             else:
                 lo = mid
-    if risk == "accuracy_drop" and b != "binomial":
+    if risk == "accuracy_drop" and b in ("hb", "wsr"):
         return 2.0 * hi - 1.0
     return hi
 

@@ -34,7 +34,7 @@ def test_traced_mlp_certifies_and_artifact_equals_masked_original(files, digits,
     cert = certify(files["mlp"], files["data_flat"], {"epsilon": 0.03, "delta": 0.1, "seed": 3}, out=out)
     r = cert.result
     assert r["certified"] and r["certified_sparsity"] >= 0.2
-    assert r["risk"] == "accuracy_drop" and r["bound"] == "binomial"
+    assert r["risk"] == "accuracy_drop" and r["bound"] == "paired_exact"
     assert r["n_calibration"] == len(digits.y_cal) and r["n_tune"] == 0
     assert r["artifact_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
 

@@ -293,7 +293,10 @@ def test_front_door_maps_losses_to_tests(risk: str) -> None:
     eps = 0.1
     k = int(np.count_nonzero(losses == 1))
     assert p_value("binomial", risk, losses, eps) == pytest.approx(ref_binomial(k, 500, eps), rel=1e-9)
-    assert p_value("auto", risk, losses, eps) == p_value("binomial", risk, losses, eps)
+    if risk == "accuracy_drop":
+        assert p_value("auto", risk, losses, eps, alpha=0.1) == p_value("paired_exact", risk, losses, eps, alpha=0.1)
+    else:
+        assert p_value("auto", risk, losses, eps) == p_value("binomial", risk, losses, eps)
     if risk == "accuracy_drop":
         x = (losses.astype(float) + 1) / 2
         e2 = (1 + eps) / 2
@@ -313,9 +316,15 @@ def test_front_door_accepts_bool_and_float_losses() -> None:
 
 def test_resolve_bound_is_fixed() -> None:
     for risk in RISKS:
-        assert resolve_bound("auto", risk) == "binomial"
+        assert resolve_bound("auto", risk) == ("paired_exact" if risk == "accuracy_drop" else "binomial")
         for b in BOUNDS:
             assert resolve_bound(b, risk) == b
+    assert resolve_bound("paired_exact", "accuracy_drop") == "paired_exact"
+    for risk in ("disagreement", "error_rate"):
+        with pytest.raises(ConfigError, match="paired_exact"):
+            resolve_bound("paired_exact", risk)
+    with pytest.raises(ConfigError, match="alpha"):
+        p_value("paired_exact", "accuracy_drop", np.zeros(10, dtype=np.int8), 0.1)
 
 
 def test_unknown_names_raise_config_error() -> None:
@@ -370,7 +379,8 @@ def test_binomial_ucb_is_clopper_pearson() -> None:
         k = int(np.count_nonzero(losses == 1))
         cp = float(stats.beta.ppf(0.9, k + 1, 800 - k))
         assert upper_confidence_bound("binomial", risk, losses, 0.1) == pytest.approx(cp, abs=1e-7)
-        assert upper_confidence_bound("auto", risk, losses, 0.1) == pytest.approx(cp, abs=1e-7)
+        if risk != "accuracy_drop":
+            assert upper_confidence_bound("auto", risk, losses, 0.1) == pytest.approx(cp, abs=1e-7)
 
 
 @pytest.mark.parametrize("bound", BOUNDS)
