@@ -83,8 +83,8 @@ def _region_probs(n: int, bcrit: np.ndarray, pb: np.ndarray, pc: np.ndarray) -> 
     pb = np.atleast_1d(np.asarray(pb, dtype=np.float64))
     pc = np.atleast_1d(np.asarray(pc, dtype=np.float64))
     sd = np.sqrt(n * pc * (1.0 - pc))
-    c0 = np.clip(np.floor(n * pc - 7.5 * sd - 3.0), 0, n).astype(np.int64)
-    c1 = np.clip(np.ceil(n * pc + 7.5 * sd + 3.0), 0, n).astype(np.int64)
+    c0 = np.clip(np.floor(n * pc - 7.0 * sd - 3.0), 0, n).astype(np.int64)
+    c1 = np.clip(np.ceil(n * pc + 7.0 * sd + 3.0), 0, n).astype(np.int64)
     widths = c1 - c0 + 1
     order = np.argsort(widths, kind="stable")
     lower = np.empty(pb.size)
@@ -98,7 +98,72 @@ def _region_probs(n: int, bcrit: np.ndarray, pb: np.ndarray, pc: np.ndarray) -> 
     return lower, upper
 
 
+def _log_binom_pmf(m: np.ndarray, j: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """log P(Bin(m, q) = j), −inf outside 0 ≤ j ≤ m."""
+    ok = (j >= 0) & (j <= m)
+    jj = np.where(ok, j, 0).astype(np.float64)
+    mm = m.astype(np.float64)
+    out = (special.gammaln(mm + 1.0) - special.gammaln(jj + 1.0) - special.gammaln(mm - jj + 1.0)
+           + special.xlogy(jj, q) + special.xlog1py(mm - jj, -q))
+    return np.where(ok, out, -np.inf)
+
+
 def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
+    """Σ_c P(C = c)·P(Bin(n − c, q) ≤ k_c) for a chunk of points, q = p_b/(1 − p_c).
+
+    The conditional CDFs along c come from one incomplete beta at c0 and the exact recurrence
+    F_{m−1}(k′) = F_m(k) + q·P(Bin(m − 1, q) = k) + Σ_{k<j≤k′} P(Bin(m − 1, q) = j)  (k ≤ k′),
+    from Bin(m) = Bin(m − 1) + Bernoulli(q): every increment is a non-negative pmf value, so the
+    running sum loses no precision to cancellation (relative error ~1e-10 at n = 1e5, inside
+    REL_MARGIN). k_c = b_crit(c) is nondecreasing in c until it reaches m = n − c, after which F = 1.
+    """
+    width = int((c1 - c0).max()) + 1
+    c = c0[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    valid = c <= c1[:, None]
+    c = np.minimum(c, n)
+    cf = c.astype(np.float64)
+    pcc = pc[:, None]
+    logw = (lg_n - special.gammaln(cf + 1.0) - special.gammaln(n - cf + 1.0)
+            + special.xlogy(cf, pcc) + special.xlog1py(n - cf, -pcc))
+    w = np.where(valid, np.exp(logw), 0.0)
+    q = np.clip(pb / np.maximum(1.0 - pc, 1e-300), 0.0, 1.0)[:, None]
+    m = n - c
+    k = bcrit[c]
+    capped = k >= m
+    krec = np.maximum.accumulate(np.where(capped, -1, k), axis=1)  # nondecreasing; capped entries → F = 1
+    # F at the first column: P(Bin(m, q) ≤ k) = I_{1−q}(m − k, k + 1) for 0 ≤ k < m.
+    k0, m0 = krec[:, 0], m[:, 0]
+    inside0 = (k0 >= 0) & (k0 < m0)
+    kk0 = np.where(inside0, k0, 0).astype(np.float64)
+    mm0 = np.where(inside0, m0, 1).astype(np.float64)
+    f0 = np.where(inside0, special.betainc(mm0 - kk0, kk0 + 1.0, 1.0 - q[:, 0]), np.where(k0 >= m0, 1.0, 0.0))
+    if width > 1:
+        m1 = m[:, 1:]  # = m_prev − 1
+        kp, kn = krec[:, :-1], krec[:, 1:]
+        qq = np.broadcast_to(q, m1.shape)
+        inc = q * np.exp(_log_binom_pmf(m1, kp, qq))
+        delta = kn - kp
+        dmax = int(delta.max()) if delta.size else 0
+        for j in range(1, dmax + 1):
+            sel = delta >= j
+            if not sel.any():
+                break
+            inc = inc + np.where(sel, np.exp(_log_binom_pmf(m1, kp + j, qq)), 0.0)
+        f = np.concatenate([f0[:, None], f0[:, None] + np.cumsum(inc, axis=1)], axis=1)
+    else:
+        f = f0[:, None]
+    cdf = np.where(capped, 1.0, np.where(k < 0, 0.0, np.minimum(f, 1.0)))
+    s = (w * cdf).sum(axis=1)
+    # Mass of C outside [c0, c1], exactly: P(C ≤ c0 − 1) + P(C ≥ c1 + 1).
+    lo_tail = np.where(c0 > 0, special.betainc(np.maximum(n - c0 + 1.0, 1.0), np.maximum(c0, 1.0), 1.0 - pc), 0.0)
+    hi_tail = np.where(c1 < n, special.betainc(c1 + 1.0, np.maximum(n - c1, 1.0), pc), 0.0)
+    lower = np.maximum(s * (1.0 - REL_MARGIN) - ABS_MARGIN * width, 0.0)
+    upper = np.minimum(s * (1.0 + REL_MARGIN) + ABS_MARGIN * width + lo_tail + hi_tail, 1.0)
+    return lower, upper
+
+
+def _probs_chunk_direct(n, bcrit, pb, pc, c0, c1, lg_n):
+    """Reference version of ``_probs_chunk``: one incomplete beta per (point, c). Used by the tests."""
     width = int((c1 - c0).max()) + 1
     c = c0[:, None] + np.arange(width, dtype=np.int64)[None, :]
     valid = c <= c1[:, None]
@@ -285,10 +350,13 @@ class PairedCut:
         cidx = np.arange(n + 1)
         feasible = anchor < n - cidx
         self._anchor = anchor
+        self.k_star: int | None = None
+        self.exact: bool | None = None
         self.proved: dict[int, float] = {-1: self.binomial_size}  # k → upper bound of its size (≤ α)
         self.failed: dict[int, tuple[str, float]] = {}  # k → ('disproved' | 'undecided', lower bound)
         if not feasible.any():  # the anchor alone already rejects every (b, c)
             self.z_first, self.k_top, self.k_lo, self.k_hi = math.inf, -1, -1, 0
+            self.k_star, self.exact = -1, True
             return
         self.z_first = float(np.min(_statistic(anchor[feasible] + 1, cidx[feasible], n, eps)))
         z_top = float(np.max(_statistic(n - cidx, cidx, n, eps)))
@@ -327,24 +395,39 @@ class PairedCut:
         line = _Line(self.n, self.epsilon, edges)
         return float(_boundary_lower(line, self.region(k), edges).max())
 
-    def decide(self, k: int, budget: int = 40 * MAX_EVALS) -> bool:
-        """Whether region k is known (proved) to have size ≤ α; decides it rigorously if needed."""
+    def _decide_k(self, k: int, budget: int) -> str:
+        if k < 0 or any(kp >= k for kp in self.proved):
+            return "proved"
         if k > self.k_top:
-            return False
-        if any(kp >= k for kp in self.proved):
-            return True
-        if k in self.failed and (self.failed[k][0] == "disproved" or budget <= self._spent_budget.get(k, 0)):
-            return False
-        if any(kf <= k and st == "disproved" for kf, (st, _) in self.failed.items()):
-            return False
+            return "disproved"
+        if k in self.failed:
+            return self.failed[k][0]
         line = _Line(self.n, self.epsilon, self.fine_edges.copy())
         status, upper, lower = _decide(line, self.region(k), self.alpha, budget=budget)
         if status == "proved":
             self.proved[k] = upper
-            return True
-        self.failed[k] = (status, lower)
-        self._spent_budget[k] = budget
-        return False
+        else:
+            self.failed[k] = (status, lower)
+        return status
+
+    def settle(self, budget: int = 4 * MAX_EVALS) -> int:
+        """The largest k of the family proved to have size ≤ α: bisection over (k_lo, k_hi) with rigorous
+        decisions (computed once, on the first observation that falls between them). ``exact`` then says
+        whether k + 1 was shown to exceed α (the ideal test's boundary) or only not proved (conservative)."""
+        if self.k_star is None:
+            lo, hi = self.k_lo, self.k_hi
+            # The grid search usually lands on the boundary: try the top of the band first.
+            if hi - 1 > lo and self._decide_k(hi - 1, budget) == "proved":
+                lo = hi - 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self._decide_k(mid, budget) == "proved":
+                    lo = mid
+                else:
+                    hi = mid
+            self.k_star = lo
+            self.exact = hi > self.k_top or self._decide_k(hi, budget) == "disproved"
+        return self.k_star
 
     def _search(self, quick: bool) -> None:
         self._spent_budget: dict[int, int] = {}
@@ -399,21 +482,22 @@ class PairedCut:
         return self.proved[max(self.proved)]
 
     def rejects(self, b: int, c: int) -> bool:
+        """The anchored test at level α: b ≤ k_α, or Z(b, c) ≤ z*_α with z*_α settled exactly."""
         k = self.k_of(b, c)
         if k <= self.k_lo:
             return True
         if k >= self.k_hi:
             return False
-        return self.decide(k)
+        return k <= self.settle()
+
+    def final_b_crit(self) -> np.ndarray:
+        """The critical boundary of the settled test: reject (b, c) iff b ≤ b_crit[c]."""
+        return self.region(self.settle())
 
     def quick_rejects(self, b: int, c: int) -> bool:
         """Reject only inside the proved region (no per-observation refinement): valid, conservative."""
         return self.k_of(b, c) <= max(self.proved)
 
-    @property
-    def b_crit(self) -> np.ndarray:
-        """The largest region proved so far (the critical boundary b_crit(c), −1: no b rejected)."""
-        return self.region(max(self.proved))
 
 
 @lru_cache(maxsize=512)
@@ -474,15 +558,41 @@ def paired_exact_rejects(b: int, c: int, n: int, epsilon: float, alpha: float) -
 
 
 UCB_RATIO = 1.1  # the confidence bound's ε′ grid: ε·1.1^j
+UCB_BUDGET = 600  # cell evaluations per ε′ of the confidence bound (undecided → not rejected: conservative)
+
+
+@lru_cache(maxsize=4096)
+def _rejects_at(b: int, c: int, n: int, eps: float, alpha: float) -> bool:
+    """Does the ideal sup test at (n, ε′, α) reject (b, c), *as far as a small budget can prove*?
+
+    Rigorous decision on the smallest region of the family containing (b, c), from coarse cells:
+    'proved' → True; 'disproved' or 'undecided' → False. Valid (it rejects only where the ideal test does),
+    conservative near the crossing. Used for the confidence bound's ε′ ≠ ε only.
+    """
+    k_alpha, _ = _k_alpha(n, eps, alpha)
+    if b <= k_alpha:
+        return True
+    anchor = _bcrit_for(n, eps, k_alpha, -math.inf)
+    cidx = np.arange(n + 1)
+    feasible = anchor < n - cidx
+    z_first = float(np.min(_statistic(anchor[feasible] + 1, cidx[feasible], n, eps)))
+    z = (b - c - n * eps) / math.sqrt(2.0 * c + n * eps)
+    k = max(0, int(math.ceil((z - z_first) / Z_STEP)))
+    bcrit = _bcrit_for(n, eps, k_alpha, z_first + k * Z_STEP)
+    while bcrit[c] < b:
+        k += 1
+        bcrit = _bcrit_for(n, eps, k_alpha, z_first + k * Z_STEP)
+    line = _grid_line(n, eps, 0.5, 24, 200)
+    return _decide(line, bcrit, alpha, budget=UCB_BUDGET)[0] == "proved"
 
 
 def paired_exact_upper_bound(b: int, c: int, n: int, epsilon: float, alpha: float) -> float:
     """The matching one-sided (1 − α) upper confidence bound of R = p_b − p_c (for plots and tables).
 
     The smallest ε′ on the grid ε·1.1^j at which the test rejects: at ε′ = ε the test in use (so the bound
-    is ≤ ε exactly when the level is certified), elsewhere its proved region without per-observation
-    refinement (valid, a little conservative). Returns 1 when no ε′ < 1 rejects. A crossing of the
-    inverted test, like the wsr bound: good for plots, not the basis of any certificate.
+    is ≤ ε exactly when the level is certified), elsewhere the ideal test as far as a small refinement
+    budget proves it (valid, a little conservative near the crossing). Returns 1 when no ε′ < 1 rejects.
+    A crossing of the inverted test, like the wsr bound: good for plots, not the basis of any certificate.
     """
     _check(b, c, n)
     if n == 0:
@@ -492,36 +602,62 @@ def paired_exact_upper_bound(b: int, c: int, n: int, epsilon: float, alpha: floa
     j_max = int(math.ceil(math.log(0.999 / eps) / math.log(UCB_RATIO)))
 
     def e(j: int) -> float:
-        return min(eps * UCB_RATIO ** j, 0.999)
+        return float(min(eps * UCB_RATIO ** j, 0.999))
 
     def rej(j: int) -> bool:
         if j == 0:
             return paired_cut(n, eps, alpha).rejects(b, c)
-        return paired_cut(n, e(j), alpha, quick=True).quick_rejects(b, c)
+        return _rejects_at(b, c, n, e(j), alpha)
 
-    if rej(0):
-        hi, step = 0, 1
-        lo = -1
-        while lo > j_min and rej(lo):
-            hi, step = lo, step * 2
-            lo = max(hi - step, j_min)
-        if lo <= j_min and rej(lo):
-            return e(lo)
-    else:
-        lo, step = 0, 1
-        hi = 1
-        while not rej(hi):
-            if hi >= j_max:
-                return 1.0
-            lo, step = hi, step * 2
-            hi = min(lo + step, j_max)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if rej(mid):
-            hi = mid
+    # A first guess from the normal approximation, z ≈ Φ⁻¹(α): b − c − nε′ = z·√(2c + nε′).
+    z = float(special.ndtri(alpha))
+    lo_e, hi_e = 1e-12, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo_e + hi_e)
+        if b - c - n * mid <= z * math.sqrt(2 * c + n * mid):
+            hi_e = mid
         else:
-            lo = mid
-    return e(hi)
+            lo_e = mid
+    guess = int(round(math.log(max(hi_e, 1e-12) / eps) / math.log(UCB_RATIO)))
+    if rej(0):
+        j_hi = 0
+        start = min(max(guess, j_min), -1)
+        j_lo = None
+        step = 1
+        j = start
+        while True:  # find a j that does not reject, below j_hi
+            if rej(j):
+                j_hi = j
+                if j <= j_min:
+                    return e(j)
+                j = max(j - step, j_min)
+                step *= 2
+            else:
+                j_lo = j
+                break
+    else:
+        j_lo = 0
+        start = max(guess, 1)
+        step = 1
+        j = min(start, j_max)
+        while True:  # find a j that rejects, above j_lo
+            if not rej(j):
+                j_lo = j
+                if j >= j_max:
+                    return 1.0
+                j = min(j + step, j_max)
+                step *= 2
+            else:
+                j_hi = j
+                break
+    # Bisection between j_lo (not rejected) and j_hi (rejected), keeping the side of 0 they are on.
+    while j_hi - j_lo > 1:
+        mid = (j_lo + j_hi) // 2
+        if rej(mid):
+            j_hi = mid
+        else:
+            j_lo = mid
+    return e(j_hi)
 
 
 __all__ = ["PairedCut", "paired_cut", "paired_exact_p_value", "paired_exact_rejects", "paired_exact_upper_bound"]
