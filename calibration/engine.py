@@ -157,7 +157,7 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
 
 
 def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool, precision: str,
-                  channels_last: bool) -> str:
+                  channels_last: bool, on_cuda: bool = False) -> str:
     """How the candidates were made and run, for the guarantee sentence (reduced precision: the certificate is
     for the model run that way, and there the memory layout changes the rounding too)."""
     parts = [f"{criterion} scores, {cfg.scope} scope"]
@@ -165,8 +165,10 @@ def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool, pr
         parts.append(f"{cfg.pattern} semi-structured pattern")
     if reconstructed:
         parts.append("weights reconstructed on the tuning split")
-    if precision != "fp32":
-        parts.append(f"run in {precision}" + (" with channels-last memory layout" if channels_last else ""))
+    if precision != "fp32" or on_cuda:
+        # On CUDA the layout changes which kernels run (and, below fp32, the rounding): name it always.
+        layout = "channels-last (NHWC)" if channels_last else "NCHW"
+        parts.append(f"run in {precision} with {layout} memory layout" if on_cuda else f"run in {precision}")
     return "; ".join(parts)
 
 
@@ -269,15 +271,28 @@ def certify(
     procedure = get_procedure(cfg.procedure)
     # Gather each split on the host, then move it: the device never holds a second full copy.
     x_cal_host = torch.from_numpy(data.x[split.cal])
-    x_tune = torch.from_numpy(data.x[split.tune]).to(device)
+    x_tune_host = torch.from_numpy(data.x[split.tune])
     run.timings["load_s"] = time.perf_counter() - t0
 
     with evaluation_precision(cfg.precision, device), \
             Predictor(module, cfg.batch_size, device=device, precision=cfg.precision) as predictor:
-        # D_cal stays resident in the evaluation precision (bf16/fp16 halve it; fp32 unchanged),
-        # converted on the host so the device never holds its fp32 copy.
+        # How inputs are evaluated is fixed from D_tune, never from D_cal's values (SPEC §1): the resident
+        # dtype (bf16/fp16 halve D_cal's memory; fp32 unchanged) is decided on D_tune, D_tune is rounded the
+        # same way (BN statistics and scores see inputs rounded like D_cal's), and the memory layout is timed
+        # on a D_tune batch or a synthetic tensor of the batch shape. Converted on the host: the device never
+        # holds D_cal's fp32 copy.
+        predictor.decide_resident(x_tune_host if x_tune_host.shape[0] else None, x_cal_host.dtype)
+        x_tune = predictor.rounded(x_tune_host).to(device)
+        del x_tune_host
         x_cal = predictor.resident(x_cal_host).to(device)
         del x_cal_host
+        if device.type == "cuda" and x_cal.dim() == 4 and x_cal.is_floating_point():
+            rows = min(cfg.batch_size, x_cal.shape[0])
+            if x_tune.shape[0] >= rows:
+                predictor.choose_layout(predictor.resident(x_tune[:rows]), "tuning split")
+            else:
+                synthetic = torch.randn((rows, *x_cal.shape[1:]), device=device).to(x_cal.dtype)
+                predictor.choose_layout(synthetic, "synthetic tensor of the batch shape")
         # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
         t = time.perf_counter()
         run.report("dense", 0, 1, "dense predictions")
@@ -476,7 +491,8 @@ def certify(
                                         criterion=_method_label(
                                             best["criterion"], cfg,
                                             reconstructed=bool(reconstructor and reconstructor.hessians),
-                                            precision=precision, channels_last=bool(predictor.channels_last))),
+                                            precision=precision, channels_last=bool(predictor.channels_last),
+                                            on_cuda=device.type == "cuda")),
         "artifact_sha256": None,
     }
     if out is not None:

@@ -28,10 +28,16 @@ Levers, all on CUDA only (on the CPU, :class:`Predictor` is exactly the engine's
   :meth:`Predictor.resident`, keep the resident calibration inputs in that dtype too, halving
   their memory. The certificate then holds for the model as run in that precision, which the
   report says.
-- Memory layout: NCHW or channels_last (NHWC), chosen once on the first batch by timing both
-  (like cuDNN's own benchmark): on an H200, NHWC was 2.3× faster for ResNet-18 at 32×32 in
-  fp32 and 1.5× for ResNet-50 in bf16, but 11 % slower for ResNet-50 in fp32. The choice is
-  made before the dense pass and kept for every level, so all passes use the same kernels.
+- Memory layout: NCHW or channels_last (NHWC), chosen once by timing both (like cuDNN's own
+  benchmark): on an H200, NHWC was 2.3× faster for ResNet-18 at 32×32 in fp32 and 1.5× for
+  ResNet-50 in bf16, but 11 % slower for ResNet-50 in fp32. The choice is made before the dense
+  pass and kept for every level, so all passes use the same kernels.
+
+What shapes the evaluation never depends on D_cal's values (SPEC §1: D_cal only computes
+p-values). The resident dtype is decided from D_tune (:meth:`Predictor.decide_resident`; with no
+D_tune, the inputs stay in their own dtype), D_tune is rounded to that dtype too (so BN statistics
+are estimated on inputs rounded exactly like D_cal's), and the layout is timed on D_tune or on a
+synthetic tensor of the batch's shape (:meth:`Predictor.choose_layout`), never on a D_cal batch.
 """
 
 from __future__ import annotations
@@ -63,6 +69,28 @@ def _integer_valued(x: torch.Tensor, rows: int = 1024) -> bool:
         if not bool(torch.all(chunk == torch.round(chunk))):
             return False
     return True
+
+
+def resident_dtype_rule(reference: torch.Tensor | None, dtype: torch.dtype,
+                        autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype inputs of ``dtype`` are kept resident in, decided from ``reference`` (D_tune) only.
+
+    bf16/fp16: the reduced dtype (half the memory; the first autocast op would round them the same
+    way anyway), unless the reference shows integer-valued inputs beyond the 8-bit (bf16) or 11-bit
+    (fp16) exact range — token ids, say — or values beyond fp16's range. No reference (no D_tune):
+    ``dtype`` unchanged, since nothing but D_cal could tell, and D_cal must not.
+    """
+    if autocast_dtype is None or not dtype.is_floating_point or dtype == autocast_dtype:
+        return dtype
+    if reference is None or reference.numel() == 0 or not reference.is_floating_point():
+        return dtype
+    lo, hi = torch.aminmax(reference)  # a reduction: no full-size temporary
+    amax = max(-float(lo), float(hi))
+    exact_int = 256 if autocast_dtype == torch.bfloat16 else 2048
+    integer_valued = amax > exact_int and _integer_valued(reference)
+    if integer_valued or (autocast_dtype == torch.float16 and amax > _FP16_MAX):
+        return dtype
+    return autocast_dtype
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
@@ -120,6 +148,8 @@ class Predictor:
         self.graph_replays = 0
         self.eager_batches = 0
         self.resident_dtype: torch.dtype | None = None
+        self.resident_decided_from: str | None = None  # "tuning split" | "input dtype (no tuning split)"
+        self.layout_decided_from: str | None = None
         self._old_benchmark: bool | None = None
 
     # ------------------------------------------------------------------ lifetime
@@ -157,32 +187,46 @@ class Predictor:
             "channels_last": bool(self.channels_last),
             "format_ms": self.format_ms,
             "resident_dtype": str(self.resident_dtype).replace("torch.", "") if self.resident_dtype else None,
+            "resident_dtype_from": self.resident_decided_from,
+            "layout": ("channels_last" if self.channels_last else "nchw") if self.is_cuda else None,
+            "layout_from": self.layout_decided_from,
             "cudnn_benchmark": self.is_cuda,
             "warmup_runs": self.warmup if self.is_cuda else 0,
         }
 
     # ------------------------------------------------------------------ inputs
 
-    def resident(self, x: torch.Tensor) -> torch.Tensor:
-        """The calibration inputs as they should stay resident on the device for this precision.
+    def decide_resident(self, tune: torch.Tensor | None, dtype: torch.dtype) -> torch.dtype:
+        """Fix the resident dtype for inputs of ``dtype`` from D_tune (``tune``) alone (see
+        :func:`resident_dtype_rule`); :meth:`resident` and :meth:`rounded` then apply it to any split."""
+        self.resident_dtype = resident_dtype_rule(tune, dtype, self.autocast_dtype)
+        self.resident_decided_from = ("tuning split" if tune is not None and tune.numel() else
+                                      "input dtype (no tuning split)")
+        return self.resident_dtype
 
-        bf16/fp16 on CUDA: converted once (half the memory; the first autocast op would round
-        them the same way anyway). Kept in fp32 when the conversion would change what the model
-        sees in a way autocast would not: integer-valued inputs beyond the 8-bit (bf16) or
-        11-bit (fp16) exact range — token ids, say — and values beyond fp16's range.
-        """
-        if self.autocast_dtype is None or not x.is_floating_point() or x.dtype == self.autocast_dtype or x.numel() == 0:
-            self.resident_dtype = x.dtype
-            return x
-        lo, hi = torch.aminmax(x)  # a reduction: no full-size temporary
-        amax = max(-float(lo), float(hi))
-        exact_int = 256 if self.autocast_dtype == torch.bfloat16 else 2048
-        integer_valued = amax > exact_int and _integer_valued(x)
-        if integer_valued or (self.autocast_dtype == torch.float16 and amax > _FP16_MAX):
-            self.resident_dtype = x.dtype
-            return x
-        self.resident_dtype = self.autocast_dtype
-        return x.to(self.autocast_dtype)
+    def resident(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs as they stay resident on the device for this precision: converted to the dtype
+        fixed by :meth:`decide_resident` (called first by the engine, on D_tune). Used on its own, the
+        rule is applied to ``x`` itself."""
+        if self.resident_dtype is None:
+            self.decide_resident(x, x.dtype)
+            self.resident_decided_from = "these inputs"
+        target = self.resident_dtype if x.is_floating_point() else x.dtype
+        return x if x.dtype == target else x.to(target)
+
+    def rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its values rounded exactly as :meth:`resident` rounds them, in its own dtype (for
+        D_tune: scores, BN re-estimation and reconstruction see inputs rounded like D_cal's)."""
+        r = self.resident(x)
+        return r if r.dtype == x.dtype else r.to(x.dtype)
+
+    def choose_layout(self, example: torch.Tensor, source: str) -> None:
+        """Decide NCHW vs channels-last once, by timing both on ``example`` (a D_tune batch, or a
+        synthetic tensor of the batch's shape and resident dtype): never on D_cal."""
+        if not self.is_cuda or self.channels_last is not None:
+            return
+        self._time_layouts(example)
+        self.layout_decided_from = source
 
     # ------------------------------------------------------------------ forward
 
@@ -278,7 +322,8 @@ class Predictor:
         return best
 
     def _choose_format(self, xb: torch.Tensor, check: CheckFn | None, on_error: ErrorFn | None) -> None:
-        """channels_last or not, by timing both on the first batch (cuDNN's fastest kernels for a
+        """channels_last or not, when :meth:`choose_layout` was not called first: the contract check on
+        the first batch, then timing on a synthetic tensor of its shape (cuDNN's fastest kernels for a
         layer are NHWC for tensor-core math and small images, NCHW for some fp32 layers)."""
         # Timed on the full batch: on an H200 an eighth of it was a poor proxy (ResNet-18 fp32:
         # 2.67 vs 2.58 ms at 312 rows, but 29.6 vs 13.0 ms at 2500). The price is one batch of
@@ -287,7 +332,13 @@ class Predictor:
         if check is not None:
             check(xb, first)
         del first
-        if xb.dim() != 4:
+        # Timed on a synthetic tensor of the batch's shape and dtype: the choice never reads the values.
+        synthetic = torch.randn(xb.shape, device=xb.device).to(xb.dtype) if xb.is_floating_point() else xb
+        self._time_layouts(synthetic)
+        self.layout_decided_from = "synthetic tensor of the batch shape"
+
+    def _time_layouts(self, xb: torch.Tensor) -> None:
+        if xb.dim() != 4 or not xb.is_floating_point():
             self.channels_last = False
             return
         times = {}
@@ -374,4 +425,4 @@ class Predictor:
     __call__ = predict
 
 
-__all__ = ["Predictor", "effective_precision"]
+__all__ = ["Predictor", "effective_precision", "resident_dtype_rule"]

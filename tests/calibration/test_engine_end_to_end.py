@@ -218,3 +218,34 @@ def test_the_level_that_stopped_the_test_gets_a_calibration_size_estimate(files)
     assert "next level" in format_summary(r)
     everything = certify(files["mlp"], files["data_flat"], {"sparsities": [0.05], "epsilon": 0.5}).result
     assert everything["certified"] and everything["more_data"] is None  # nothing failed: nothing to plan
+
+
+def test_error_rate_tests_the_dense_model_like_any_level(files, digits):
+    """Under error_rate λ = 0 is not 'risk 0 by definition': its own error is tested, never claimed ≤ ε."""
+    grid = [0.0, 0.1, 0.2]
+    dense_err = None
+    for eps in (0.005, 0.2):
+        r = certify(files["mlp"], files["data_flat"], {"risk": "error_rate", "epsilon": eps, "sparsities": grid,
+                                                       "full_curve": True}).result
+        lvl0 = r["levels"][0]
+        assert lvl0["evaluated"] and lvl0["sparsity"] == 0.0
+        dense_err = 1.0 - r["dense_accuracy"]
+        assert lvl0["empirical_risk"] == pytest.approx(dense_err)
+        assert lvl0["upper_bound"] >= dense_err and lvl0["p_value"] > 0.0
+        if eps < dense_err:  # the dense model's error exceeds ε: nothing may be claimed
+            assert not lvl0["rejected"] and lvl0["upper_bound"] > eps
+            assert r["certified"] is False and r["certified_sparsity"] == 0.0
+            assert not any(lvl["rejected"] for lvl in r["levels"])
+        else:
+            assert lvl0["rejected"] and lvl0["upper_bound"] <= eps
+    assert dense_err is not None and 0.005 < dense_err < 0.2
+    # accuracy_drop keeps λ = 0 at risk 0 by definition (the dense model against itself)
+    r = certify(files["mlp"], files["data_flat"], {"epsilon": 0.05, "sparsities": grid}).result
+    assert r["levels"][0]["p_value"] == 0.0 and r["levels"][0]["empirical_risk"] == 0.0
+
+
+def test_bound_note_when_hb_is_chosen_for_accuracy_drop(files):
+    r = certify(files["mlp"], files["data_flat"], {"bound": "hb", "epsilon": 0.01, "sparsities": [0.0, 0.1]}).result
+    assert r["bound"] == "hb" and "vacuous" in r["bound_note"]
+    r = certify(files["mlp"], files["data_flat"], {"epsilon": 0.01, "sparsities": [0.0, 0.1]}).result
+    assert r["bound"] == "paired_exact" and r["bound_note"] is None

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from calibration.data import split_tune_cal
 from calibration.engine import dense_logits_checked, evaluation_precision, predict
 from calibration.errors import ModelError
 from calibration.fast_eval import Predictor
@@ -232,3 +233,56 @@ def test_cuda_bf16_certify_reestimates_bn_through_the_predictor_and_ships_the_te
             Predictor(module, 64, device="cuda", precision="bf16", channels_last=ev["channels_last"]) as pred:
         accuracy = float(np.mean(pred.predict(pred.resident(x)).cpu().numpy() == data["y"][split.cal]))
     assert accuracy == pytest.approx(r["pruned_accuracy"], abs=2 / r["n_calibration"])
+
+
+def test_resident_dtype_is_decided_from_the_tuning_split_not_from_d_cal() -> None:
+    """Changing D_cal's values never changes the resident dtype (the rule reads D_tune only), and D_tune is
+    rounded exactly like D_cal."""
+    from calibration.fast_eval import resident_dtype_rule
+
+    torch.manual_seed(0)
+    tune = torch.rand(64, 3, 8, 8)
+    cal = torch.rand(200, 3, 8, 8)
+    cal_big = cal.clone()
+    cal_big[0, 0, 0, 0] = 70000.0  # beyond fp16's range: a D_cal-driven rule would switch fp16 → fp32
+    for ac in (torch.float16, torch.bfloat16):
+        choices = set()
+        for c in (cal, cal_big, cal * 3000):
+            pred = Predictor(torch.nn.Identity(), 32, device="cpu")
+            pred.autocast_dtype = ac  # as on CUDA
+            pred.decide_resident(tune, c.dtype)
+            r = pred.resident(c)
+            choices.add(r.dtype)
+            rounded_tune = pred.rounded(tune)
+            assert rounded_tune.dtype == tune.dtype
+            assert torch.equal(rounded_tune, tune.to(ac).to(tune.dtype))
+        assert choices == {ac}
+        # the rule itself: D_tune decides; without D_tune the inputs keep their dtype
+        assert resident_dtype_rule(tune, torch.float32, ac) == ac
+        assert resident_dtype_rule(tune * 70000, torch.float32, torch.float16) == torch.float32
+        assert resident_dtype_rule(None, torch.float32, ac) == torch.float32
+    assert resident_dtype_rule(tune, torch.float32, None) == torch.float32
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_dtype_and_layout_do_not_depend_on_d_cal_values(files, tmp_path: Path, precision: str) -> None:
+    from calibration import certify
+
+    data = np.load(files["data_img"])
+    x, y = data["x"].copy(), data["y"]
+    cfg = {"device": "cuda", "precision": precision, "epsilon": 0.05, "batch_size": 64, "tune_fraction": 0.25,
+           "sparsities": [0.0, 0.2]}
+    split = split_tune_cal(len(y), 0.25, 0)
+    seen = []
+    for scale in (1.0, 70000.0):
+        xx = x.copy()
+        xx[split.cal[:3]] *= scale  # D_cal's values only
+        path = tmp_path / f"d{scale}.npz"
+        np.savez(path, x=xx, y=y)
+        r = certify(files["cnn"], path, cfg).result
+        ev = r["evaluator"]
+        seen.append((ev["resident_dtype"], ev["layout"], ev["layout_from"], ev["resident_dtype_from"]))
+        assert "memory layout" in r["guarantee"]
+    assert seen[0] == seen[1], seen
+    assert seen[0][2] == "tuning split" and seen[0][3] == "tuning split"
