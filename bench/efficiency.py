@@ -10,6 +10,10 @@ Prints, per criterion × bound × procedure: median certified sparsity over the 
 oracle (largest level, scanning the grid in the same fixed order, whose pool risk is ≤ ε: exactly
 what fixed-sequence testing could find with infinite data), the ratio, and the violation
 frequency P(R_pool(λ̂) > ε), which must be ≤ δ up to Monte-Carlo error.
+
+``--n-cal-grid 600,2000,10000 --epsilon-grid 0.005,0.01,0.02`` prints instead one row per
+(n_cal, ε, procedure) with a column group per bound (median certified sparsity, violation
+frequency, mean test time per draw), beside the pool oracle: the table in the README.
 """
 
 from __future__ import annotations
@@ -69,17 +73,28 @@ def oracle(pool_risk: np.ndarray, grid: np.ndarray, eps: float) -> float:
     return float(grid[run - 1]) if run > 0 else 0.0
 
 
-def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, eps, delta):
-    """Median certified sparsity and violation frequency over the D_cal draws (fixed grid, LTT)."""
+def certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, risk, eps, delta, *, timings=None):
+    """Median certified sparsity and violation frequency over the D_cal draws (fixed grid, LTT).
+
+    Every test runs at the procedure's per-test level (δ for fixed-sequence, δ/K for Bonferroni), as
+    in the engine; ``timings`` (a list) receives the seconds the tests of each draw took.
+    """
     proc = get_procedure(proc_name)
+    alpha = proc.level_alpha(delta, len(grid))
     certified, violations = [], 0
     for idx in draws:
+        t0 = time.perf_counter()
         pv = np.full(len(grid), np.nan)
-        pv[0] = 0.0  # level 0 is the dense model: risk 0 by definition
-        for j in range(1, len(grid)):
-            pv[j] = p_value(bound, risk, losses_pool[j, idx], eps)
+        start = 0
+        if risk != "error_rate":
+            pv[0] = 0.0  # level 0 is the dense model: risk 0 by definition
+            start = 1
+        for j in range(start, len(grid)):
+            pv[j] = p_value(bound, risk, losses_pool[j, idx], eps, alpha=alpha)
             if proc.stops_early and pv[j] > delta:
                 break
+        if timings is not None:
+            timings.append(time.perf_counter() - t0)
         sel = proc.select(proc.rejected(pv, delta), grid)
         j = sel if sel is not None else 0
         violations += pool_risk[j] > eps
@@ -108,6 +123,9 @@ def common_parser(doc: str | None, *, criteria: str, bounds: str) -> argparse.Ar
     ap.add_argument("--criteria", default=criteria)
     ap.add_argument("--bounds", default=bounds)
     ap.add_argument("--risk", default="accuracy_drop")
+    ap.add_argument("--n-cal-grid", default="", help="comma list: run the (n_cal, ε) table instead")
+    ap.add_argument("--epsilon-grid", default="0.005,0.01,0.02")
+    ap.add_argument("--procedures", default="fixed_sequence,bonferroni")
     return ap
 
 
@@ -117,10 +135,42 @@ def pool_draws(n_pool: int, n_cal: int, draws: int) -> list[np.ndarray]:
     return [rng.integers(0, n_pool, n_cal) for _ in range(draws)]
 
 
+def grid_table(args, model, xp, xt, yt, y_pool, dense) -> None:
+    """One row per (n_cal, ε, procedure): each bound's median certified sparsity, violation frequency and
+    mean test time per draw, against the pool oracle (magnitude criterion, the first of --criteria)."""
+    grid = np.round(np.arange(0, 1.0, 0.01), 2)
+    criterion = args.criteria.split(",")[0]
+    grid, preds = level_predictions(model, xp, xt, yt, criterion, grid)
+    losses_pool = np.stack([per_sample_losses(args.risk, p, dense, y_pool) for p in preds])
+    pool_risk = losses_pool.mean(axis=1)
+    bounds = args.bounds.split(",")
+    head = f"{'n_cal':>6} {'ε':>6} {'procedure':<15} {'oracle':>6} " + " ".join(
+        f"{b + ' med':>17} {'viol':>5} {'s/draw':>7}" for b in bounds)
+    print(f"criterion {criterion}, risk {args.risk}, δ = {args.delta}, draws = {args.draws}")
+    print(head, flush=True)
+    for n_cal in [int(v) for v in args.n_cal_grid.split(",")]:
+        draws = pool_draws(len(y_pool), n_cal, args.draws)
+        for eps in [float(v) for v in args.epsilon_grid.split(",")]:
+            orc = oracle(pool_risk, grid, eps)
+            for proc_name in args.procedures.split(","):
+                cells = []
+                for bound in bounds:
+                    times: list[float] = []
+                    med, freq = certify_draws(losses_pool, pool_risk, grid, draws, bound, proc_name, args.risk,
+                                              eps, args.delta, timings=times)
+                    cells.append(f"{med:>17.2f} {freq:>5.3f} {np.mean(times):>7.3f}")
+                print(f"{n_cal:>6} {eps:>6} {proc_name:<15} {orc:>6.2f} " + " ".join(cells), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = common_parser(__doc__, criteria="magnitude,mu,obd,random", bounds="binomial,hb,wsr").parse_args(argv)
+    args = common_parser(__doc__, criteria="magnitude,mu,obd,random", bounds="binomial,hb,wsr,paired_exact").parse_args(argv)
     t0 = time.perf_counter()
     model, xp, xt, yt, y_pool, dense = digits_case()
+    if args.n_cal_grid:
+        print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
+              f"pool n={len(y_pool)}")
+        grid_table(args, model, xp, xt, yt, y_pool, dense)
+        return
     grid = np.round(np.arange(0, 1.0, 0.01), 2)
     print(f"model trained in {time.perf_counter() - t0:.1f}s; dense pool accuracy {np.mean(dense == y_pool):.4f}; "
           f"pool n={len(y_pool)}, n_cal={args.n_cal}, ε={args.epsilon}, δ={args.delta}, draws={args.draws}, "

@@ -33,6 +33,8 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
                                                 if reconstruction.get("unavailable") else
                                                 f"{len(reconstruction['layers'])} layers, {len(reconstruction['skipped'])} "
                                                 "masked only"))
+    if result.get("bound_note"):
+        lines.append(f"note on the bound   : {result['bound_note']}")
     more = result.get("more_data")
     if more:
         needed = more.get("n_calibration_needed")

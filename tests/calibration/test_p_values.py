@@ -436,3 +436,17 @@ def test_per_sample_losses_errors() -> None:
         per_sample_losses("disagreement", np.zeros((2, 3)), p, None)
     with pytest.raises(DataError):
         empirical_risk(np.zeros(0, dtype=np.int8))
+
+
+def test_wsr_bets_are_tuned_to_the_level_in_use() -> None:
+    """At a Bonferroni-sized level, bets tuned for that level reject more often than bets tuned for 0.1."""
+    rng = np.random.default_rng(8)
+    eps, alpha, n = 0.02, 0.0005, 3000
+    d = rng.choice([-1, 0, 1], size=(200, n), p=[0.02, 0.96, 0.02]).astype(np.int8)  # R = 0 < ε
+    x = (d.astype(float) + 1) / 2
+    tuned = wsr_p_value_batch(x, (1 + eps) / 2, delta_ref=alpha)
+    untuned = wsr_p_value_batch(x, (1 + eps) / 2)
+    assert np.mean(tuned <= alpha) > np.mean(untuned <= alpha) + 0.05
+    # the front door passes the level through
+    assert p_value("wsr", "accuracy_drop", d[0], eps, alpha=alpha) == pytest.approx(tuned[0], rel=1e-12)
+    assert p_value("wsr", "accuracy_drop", d[0], eps) == pytest.approx(untuned[0], rel=1e-12)
