@@ -141,14 +141,29 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
         m1 = m[:, 1:]  # = m_prev − 1
         kp, kn = krec[:, :-1], krec[:, 1:]
         qq = np.broadcast_to(q, m1.shape)
-        inc = q * np.exp(_log_binom_pmf(m1, kp, qq))
         delta = kn - kp
         dmax = int(delta.max()) if delta.size else 0
-        for j in range(1, dmax + 1):
-            sel = delta >= j
-            if not sel.any():
-                break
-            inc = inc + np.where(sel, np.exp(_log_binom_pmf(m1, kp + j, qq)), 0.0)
+        if float(q.max()) < 1.0:
+            # pmf at s = max(k, 0) once (gammaln), the next ones by the ratio (m − j)/(j + 1) · q/(1 − q).
+            s0 = np.maximum(kp, 0)
+            pmf = np.exp(_log_binom_pmf(m1, s0, qq))
+            inc = np.where(kp >= 0, q * pmf, 0.0)
+            r = q / (1.0 - q)
+            j = s0.astype(np.float64)
+            m1f = m1.astype(np.float64)
+            first = kp < 0  # the sum over (k, k′] starts at j = 0 itself
+            inc = inc + np.where(first & (kn >= 0), pmf, 0.0)
+            for _ in range(dmax):
+                pmf = pmf * np.maximum(m1f - j, 0.0) / (j + 1.0) * r
+                j = j + 1.0
+                inc = inc + np.where(j <= kn, pmf, 0.0)
+        else:  # q = 1 somewhere (the end of the nuisance line): the direct log-pmf, term by term
+            inc = q * np.exp(_log_binom_pmf(m1, kp, qq))
+            for step in range(1, dmax + 1):
+                sel = delta >= step
+                if not sel.any():
+                    break
+                inc = inc + np.where(sel, np.exp(_log_binom_pmf(m1, kp + step, qq)), 0.0)
         f = np.concatenate([f0[:, None], f0[:, None] + np.cumsum(inc, axis=1)], axis=1)
     else:
         f = f0[:, None]
@@ -565,7 +580,7 @@ def paired_exact_rejects(b: int, c: int, n: int, epsilon: float, alpha: float) -
 
 
 UCB_RATIO = 1.1  # the confidence bound's ε′ grid: ε·1.1^j
-UCB_BUDGET = 600  # cell evaluations per ε′ of the confidence bound (undecided → not rejected: conservative)
+UCB_BUDGET = 250  # cell evaluations per ε′ of the confidence bound (undecided → not rejected: conservative)
 
 
 @lru_cache(maxsize=4096)
