@@ -302,7 +302,11 @@ def _decide(line: _Line, bcrit: np.ndarray, alpha: float, budget: int = MAX_EVAL
 
 
 def _sup_upper(line: _Line, bcrit: np.ndarray, *, rel_tol: float = 0.05, budget: int = 400) -> tuple[float, float]:
-    """(upper, lower) bounds of sup_t g(t): cells split until each bound is ≤ (1 + rel_tol)·(best g seen)."""
+    """(upper, lower) bounds of sup_t g(t): cells split until each bound is ≤ (1 + rel_tol)·(best g seen).
+    ``budget=0``: one pass over the cells, no refinement (lower returned as 0)."""
+    if budget <= 0:
+        edges = line.edges
+        return float(_cell_bounds(line, bcrit, edges[:-1], edges[1:]).max()), 0.0
     lower = float(_boundary_lower(line, bcrit, line.edges).max())
     _, upper, lower2 = _refine(line, bcrit, (1.0 + rel_tol) * lower + 1e-12, stop_above=None, budget=budget)
     return upper, max(lower, lower2)
@@ -474,8 +478,8 @@ class PairedCut:
         if hi <= self.k_top:
             self.failed[hi] = ("disproved", self._grid_size(hi, coarse))
         # Phase 2 (rigorous): prove a region a margin below, widening the margin until proved.
-        margin = (40 if quick else 20) * max(1, int(round(math.sqrt(self.n / 2000))))
-        budget = 1500 if quick else 2500
+        margin = int(round((40 if quick else 30) * max(1.0, math.sqrt(self.n / 2000))))
+        budget = 1500
         k = lo
         while k >= 0:
             line = _Line(self.n, self.epsilon, self.fine_edges.copy())
