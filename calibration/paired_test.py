@@ -429,7 +429,7 @@ class PairedCut:
             self.failed[k] = (status, lower)
         return status
 
-    def settle(self, budget: int = 4 * MAX_EVALS) -> int:
+    def settle(self, budget: int = MAX_EVALS) -> int:
         """The largest k of the family proved to have size ≤ α: bisection over (k_lo, k_hi) with rigorous
         decisions (computed once, on the first observation that falls between them). ``exact`` then says
         whether k + 1 was shown to exceed α (the ideal test's boundary) or only not proved (conservative)."""
@@ -440,7 +440,7 @@ class PairedCut:
                 lo = hi - 1
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if self._decide_k(mid, budget) == "proved":
+                if self._decide_k(mid, budget // 2) == "proved":
                     lo = mid
                 else:
                     hi = mid
