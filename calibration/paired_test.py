@@ -44,11 +44,16 @@ Why it is valid (proof sketch)
    space (gammaln, regularised incomplete beta), over a window of c around n·p_c; the mass of C outside
    the window is added to the upper bound (exactly, through its binomial tail), and a relative margin of
    1e-8 absorbs floating-point error.
-5. The family A(z) = {b ≤ k_α} ∪ {Z ≤ z} is nested in z. The search proves size ≤ α for A(z*) and
-   refines the cells (splitting those whose bound exceeds α) until the next larger region of the family
-   is shown to have some g(t) > α: then the decision at level α is exactly that of the ideal sup test.
-   Should the refinement budget run out (a size within ~1e-7 of α), the smaller region is kept, which is
-   conservative and still valid; ``PairedCut.exact`` records which case occurred.
+5. The family A_k = {b ≤ k_α} ∪ {Z ≤ z_first + k·0.001} is nested in k (A_{−1}: the anchor alone,
+   whose size is the binomial's, at t = 0). The search: (i) a coarse grid of t (lower bounds of the
+   sup) finds the largest k whose grid size is ≤ α; k + 1 is then *disproved* (some g(t) > α); (ii) a
+   region a margin below is *proved* with cells (k_lo). Observations in A_{k_lo} are rejected, those
+   outside A_{k_hi} are not, and the first observation in between triggers ``settle``: rigorous
+   decisions on the band (the top first, then bisection), cells split where their bound exceeds α,
+   until the largest proved region k* is found. When k* + 1 is disproved the decision at level α is
+   exactly that of the ideal sup test (``exact``); when a refinement budget runs out first (a size
+   within a hair of α, typical at n ≳ 10,000) k* is the largest *proved* region, a few thousandths
+   lower in z: conservative, and still valid, since every rejection lies in a region proved ≤ α.
 6. p-value. The reported p-value is a rigorous upper bound on sup_null P(T_α ≤ T_α(b, c)) — the exact
    unconditional p-value of the fixed statistic T_α — so it is valid for every u (P(p ≤ u) ≤ u), and it
    is ≤ α exactly when the anchored test rejects. It is the one used for the decision at level α; at
