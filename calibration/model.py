@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from .errors import ModelError, exception_summary
+from .op_allowlist import scan_archive
 
 #: Module types whose ``weight`` is prunable (SPEC §2). Names are TorchScript ``original_name``s.
 PRUNABLE_TYPES = frozenset(
@@ -55,8 +56,11 @@ def quiet_torchscript_warnings() -> Iterator[None]:
         yield
 
 
-def check_archive(path: str | os.PathLike) -> None:
-    """Cheap structural check that needs no unpickling (safe in the API process)."""
+def check_archive(path: str | os.PathLike, *, torch_reader: bool = False) -> None:
+    """Cheap check that needs no unpickling (safe in the API process): the archive's structure, then
+    its TorchScript code text against the operator allowlist (``op_allowlist.scan_archive``; refused
+    with ``model_uses_forbidden_op``). ``torch_reader=True`` also reads the code records with torch's
+    own zip reader, as ``load_model`` does right before ``torch.jit.load``."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"Model file {p.name!r} does not exist.", code="model_not_found")
@@ -88,7 +92,7 @@ def check_archive(path: str | os.PathLike) -> None:
             f"The model archive expands to {total / 1024**3:.1f} GiB (limit 16 GiB); refusing a possible zip bomb.",
             code="model_too_large",
         )
-    if not any(n.endswith("/code/") or "/code/" in n for n in names):
+    if not any("/code/" in n.lower() for n in names):  # torch looks records up case-insensitively
         if any(n.endswith("data.pkl") for n in names):
             raise ModelError(
                 "The file is a pickled PyTorch checkpoint (torch.save), not a TorchScript archive. "
@@ -97,11 +101,15 @@ def check_archive(path: str | os.PathLike) -> None:
             )
         raise ModelError("The zip file is not a TorchScript archive (no code/ folder).",
                          code="model_not_torchscript")
+    scan_archive(p, torch_reader=torch_reader)
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load a TorchScript archive in eval mode; refuse what cannot be pruned."""
-    check_archive(path)
+    """Load a TorchScript archive in eval mode; refuse what cannot be pruned.
+
+    The operator allowlist is checked again here, on the bytes torch's reader will hand to the
+    compiler, because ``torch.jit.load`` already runs the archive's ``__setstate__`` code."""
+    check_archive(path, torch_reader=True)
     with quiet_torchscript_warnings():
         try:
             module = torch.jit.load(str(path), map_location=device)
