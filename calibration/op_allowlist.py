@@ -506,7 +506,8 @@ def _code_from_torch_reader(path: Path) -> list[tuple[str, bytes]]:
         if len(code) > MAX_CODE_FILES:
             raise ModelError(f"The model archive has {len(code)} code entries (limit {MAX_CODE_FILES}).",
                              code="model_too_large")
-        total = sum(int(reader.get_record_size(r)) for r in code)
+        size_of = getattr(reader, "get_record_size", None)  # absent before torch 2.12: read to measure
+        total = sum(int(size_of(r)) if size_of else len(reader.get_record(r)) for r in code)
         if total > MAX_CODE_BYTES:
             raise _too_much(total)
         return [(f"archive/{r}", bytes(reader.get_record(r))) for r in code]

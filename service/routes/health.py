@@ -37,7 +37,7 @@ def readyz(store: StoreDep, storage: StorageDep) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={401: {"model": ErrorBody}})
 def metrics(m: MetricsDep, _owner: OwnerDep) -> Response:
     """Prometheus metrics; with API keys configured, any tenant's key is needed (they describe every tenant's load)."""
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

@@ -301,6 +301,8 @@ def test_health_ready_metrics_and_docs(server: Server) -> None:
         assert c.get("/healthz").json()["status"] == "ok"
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "data_dir": "ok"}
+        assert_error(c.get("/metrics"), 401, "unauthorized")  # with keys configured, metrics need one
+    with server.client(KEY_A) as c:
         metrics = c.get("/metrics").text
         assert 'certiprune_jobs{status="queued"}' in metrics
         assert 'certiprune_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics

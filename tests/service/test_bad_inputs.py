@@ -452,7 +452,7 @@ WORKER_CASES = [
     ("model returns the wrong shape", "wrong_shape", None, "model_bad_output", "shape (batch, classes)"),
     ("model returns NaN", "non_finite", None, "model_output_not_finite", "NaN"),
     ("model has no prunable weights", "no_prunable", None, "model_no_prunable_weights", "prunable"),
-    ("model archive with invalid code", "garbage_code", None, "model_load_failed", "could not be loaded"),
+    ("model archive with invalid code", "garbage_code", None, "model_corrupt", "cannot be read as a TorchScript"),
     ("data shape the model rejects", None, lambda x, y: npz_bytes(x=x[:, :32], y=y), "model_forward_failed",
      "shape"),
     ("labels beyond the model's classes", None, lambda x, y: npz_bytes(x=x, y=np.full_like(y, 12)),

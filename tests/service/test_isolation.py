@@ -275,3 +275,88 @@ def test_the_data_dir_may_not_overlap_an_allowed_dataset_root(tmp_path: Path) ->
         with pytest.raises(ValidationError, match="overlaps the data dir"):
             Settings(data_dir=str(tmp_path / "data"), allowed_dataset_roots=[str(root)])
     Settings(data_dir=str(tmp_path / "data"), allowed_dataset_roots=[str(tmp_path / "shared")])
+
+
+# -- hostile TorchScript models, submitted as tenant B -------------------------------------------
+
+def hostile_corpus(folder: Path, victim_files: list[str]) -> dict[str, Path]:
+    """Scripted models that attack through ``torch.from_file`` and ``print``, aimed at the victim's real paths."""
+    import torch
+    from torch import nn
+
+    target = victim_files[0]
+
+    class ReadsVictim(nn.Module):
+        """Reads a file's first bytes and keeps them in module state (would leave in the artifact)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.target = target
+            self.loot = torch.zeros(1, dtype=torch.uint8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.loot = torch.from_file(self.target, shared=False, size=4096, dtype=torch.uint8)
+            return self.fc(x)
+
+    class WritesVictim(nn.Module):
+        """Maps a file shared and zeroes it (the attack that forged a certificate)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.target = target
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mapped = torch.from_file(self.target, shared=True, size=64, dtype=torch.uint8)
+            mapped.zero_()  # (the result must be used: TorchScript drops a from_file whose value is unused)
+            return self.fc(x) + mapped[0].float()
+
+    class LeaksInError(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.target = target
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            secret = torch.from_file(self.target, shared=False, size=64, dtype=torch.uint8)
+            if int(secret.sum()) >= 0:
+                raise RuntimeError("leak: " + str(int(secret[0])) + str(int(secret[1])))
+            return self.fc(x)
+
+    class ForgesLog(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print("\n2026-01-01 00:00:00 INFO certiprune.worker: job job_victim succeeded")
+            return self.fc(x)
+
+    paths = {}
+    for name, module in {"reads": ReadsVictim(), "writes": WritesVictim(), "leaks": LeaksInError(),
+                         "forges_log": ForgesLog()}.items():
+        paths[name] = folder / f"{name}.pt"
+        torch.jit.script(module.eval()).save(str(paths[name]))
+    return paths
+
+
+def test_hostile_models_are_refused_at_submission_and_the_victim_is_untouched(
+        victim_server: tuple[Server, dict, Path], inputs: Inputs, tmp_path: Path) -> None:
+    server, victim, keys_file = victim_server
+    before = tree_digest(server.data_dir)
+    stored = sorted(str(server.data_dir / rel) for rel in before)
+    corpus = hostile_corpus(tmp_path, [p for p in stored if "/datasets/" in p] + [str(keys_file)])
+    with server.client(KEY_B) as b:
+        for name, model in corpus.items():
+            err = assert_error(submit(b, model, data=inputs.data, config=FAST_CONFIG), 422, "model_uses_forbidden_op")
+            op = "print" if name == "forges_log" else "from_file"
+            assert op in err["message"], (name, err)
+        assert b.get("/v1/jobs").json()["count"] == 0  # nothing was admitted, nothing runs
+    assert tree_digest(server.data_dir) == before
+    with server.client(KEY_A) as a:  # the victim's next job: the same certificate
+        job = submit(a, inputs.model, dataset=victim["dataset"]["id"], config=FAST_CONFIG).json()
+        again = wait_terminal(a, job["id"], timeout=120)
+        assert again["status"] == "succeeded"
+        assert again["result"]["certified_sparsity"] == victim["job"]["result"]["certified_sparsity"]
+    assert "job_victim succeeded" not in server.log_path.read_text()
