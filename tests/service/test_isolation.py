@@ -90,6 +90,9 @@ ATTACK = textwrap.dedent('''
         else:
             filled[where] = [written, None]
     report["filled"] = filled
+    if os.fork() == 0:  # a daemon that tries to outlive the job
+        os.setsid()
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(120)", "certiprune-outlives-marker"])
     report["secrets"] = secret_bytes
     print(json.dumps(report))
 ''')
@@ -140,6 +143,13 @@ def test_code_inside_the_sandbox_reaches_nothing_of_other_tenants_or_the_server(
     for where in ("/tmp", "/out"):  # each tmpfs stops at its cap (8 MiB)
         written, error = report["filled"][where]
         assert written <= 8 << 20 and error == "OSError", report["filled"]
+    # Nothing it started outlives it (its PID namespace died with it).
+    import time
+
+    time.sleep(0.5)
+    survivors = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and b"certiprune-outlives-marker" in _cmdline(p)]
+    assert survivors == [], survivors
     # The victim's files, the store and the keys file are bit-identical; both tenants are served.
     assert tree_digest(server.data_dir) == before
     assert keys_file.read_bytes() == keys_before
@@ -151,6 +161,13 @@ def test_code_inside_the_sandbox_reaches_nothing_of_other_tenants_or_the_server(
     assert not any(Path(p).name == "zz_evil.pth" for p in map(str, isolation.python_paths()))
     for folder in isolation.python_paths():
         assert not list(folder.rglob("zz_evil.pth"))
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_job_runs_in_the_sandbox_and_its_output_stays_in_its_own_log(
