@@ -287,8 +287,10 @@ def test_cuda_dtype_and_layout_do_not_depend_on_d_cal_values(files, tmp_path: Pa
         np.savez(path, x=xx, y=y)
         r = certify(files["cnn"], path, cfg).result
         ev = r["evaluator"]
-        seen.append((ev["resident_dtype"], ev["layout"], ev["layout_from"], ev["resident_dtype_from"]))
+        # The layout itself is chosen by timing both on a D_tune batch: when the two run equally fast, the
+        # timing noise of two runs may pick either. What must not move with D_cal is what decides it.
+        seen.append((ev["resident_dtype"], ev["layout_from"], ev["resident_dtype_from"]))
         if not changed:  # the unchanged data certifies, and the sentence names the layout it was run in
             assert r["certified"] and "memory layout" in r["guarantee"]
     assert seen[0] == seen[1], seen
-    assert seen[0][2] == "tuning split" and seen[0][3] == "tuning split"
+    assert seen[0][1] == "tuning split" and seen[0][2] == "tuning split"
