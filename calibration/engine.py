@@ -381,29 +381,24 @@ def certify(
                     # λ = 0 is the dense model itself: its accuracy drop / disagreement is 0 by definition,
                     # no test is spent on it. (Under error_rate its risk is its own error: tested below.)
                     p, risk_hat, ucb = 0.0, 0.0, 0.0
-                elif sparsity == 0.0:
-                    losses = per_sample_losses(risk, dense_cal_np, dense_cal_np, y_cal)
-                    p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
-                    risk_hat = float(empirical_risk(losses))
-                    ucb = float(upper_confidence_bound(bound, risk, losses, alpha, epsilon=cfg.epsilon))
-                    evaluated_levels += 1
-                    if p > alpha:
-                        failed_losses[(name, j)] = losses
                 else:
-                    keep = masks.keep_masks(sparsity)
-                    apply_masks(params, originals, keep)
-                    if reconstructor is not None:
-                        reconstructor.apply(params, originals, keep)
-                    if use_bn:
-                        ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
-                        if ok:
-                            tested_bn[(name, j)] = batchnorm.snapshot(module)
-                        else:
-                            use_bn, bn_status = False, "unavailable_traced_graph"
-                            batchnorm.load_snapshot(module, bn_dense)
-                    pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
-                    if y_cal is not None:
-                        tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
+                    if sparsity == 0.0:  # error_rate: the dense model is tested like any level
+                        pruned = dense_cal_np
+                    else:
+                        keep = masks.keep_masks(sparsity)
+                        apply_masks(params, originals, keep)
+                        if reconstructor is not None:
+                            reconstructor.apply(params, originals, keep)
+                        if use_bn:
+                            ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
+                            if ok:
+                                tested_bn[(name, j)] = batchnorm.snapshot(module)
+                            else:
+                                use_bn, bn_status = False, "unavailable_traced_graph"
+                                batchnorm.load_snapshot(module, bn_dense)
+                        pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
+                        if y_cal is not None:
+                            tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
                     losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
                     p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
                     risk_hat = float(empirical_risk(losses))

@@ -113,15 +113,9 @@ def _log_binom_pmf(m: np.ndarray, j: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(ok, out, -np.inf)
 
 
-def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
-    """Σ_c P(C = c)·P(Bin(n − c, q) ≤ k_c) for a chunk of points, q = p_b/(1 − p_c).
-
-    The conditional CDFs along c come from one incomplete beta at c0 and the exact recurrence
-    F_{m−1}(k′) = F_m(k) + q·P(Bin(m − 1, q) = k) + Σ_{k<j≤k′} P(Bin(m − 1, q) = j)  (k ≤ k′),
-    from Bin(m) = Bin(m − 1) + Bernoulli(q): every increment is a non-negative pmf value, so the
-    running sum loses no precision to cancellation (relative error ~1e-10 at n = 1e5, inside
-    REL_MARGIN). k_c = b_crit(c) is nondecreasing in c until it reaches m = n − c, after which F = 1.
-    """
+def _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n):
+    """Per point (rows) and fixed-error count c in [c0, c1] (columns): c, its validity mask, the binomial
+    weight P(C = c), the conditional new-error rate q = p_b / (1 − p_c), m = n − c and k = b_crit(c)."""
     width = int((c1 - c0).max()) + 1
     c = c0[:, None] + np.arange(width, dtype=np.int64)[None, :]
     valid = c <= c1[:, None]
@@ -132,8 +126,20 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
             + special.xlogy(cf, pcc) + special.xlog1py(n - cf, -pcc))
     w = np.where(valid, np.exp(logw), 0.0)
     q = np.clip(pb / np.maximum(1.0 - pc, 1e-300), 0.0, 1.0)[:, None]
-    m = n - c
-    k = bcrit[c]
+    return c, valid, w, q, n - c, bcrit[c]
+
+
+def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
+    """Σ_c P(C = c)·P(Bin(n − c, q) ≤ k_c) for a chunk of points, q = p_b/(1 − p_c).
+
+    The conditional CDFs along c come from one incomplete beta at c0 and the exact recurrence
+    F_{m−1}(k′) = F_m(k) + q·P(Bin(m − 1, q) = k) + Σ_{k<j≤k′} P(Bin(m − 1, q) = j)  (k ≤ k′),
+    from Bin(m) = Bin(m − 1) + Bernoulli(q): every increment is a non-negative pmf value, so the
+    running sum loses no precision to cancellation (relative error ~1e-10 at n = 1e5, inside
+    REL_MARGIN). k_c = b_crit(c) is nondecreasing in c until it reaches m = n − c, after which F = 1.
+    """
+    c, valid, w, q, m, k = _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n)
+    width = c.shape[1]
     capped = k >= m
     krec = np.maximum.accumulate(np.where(capped, -1, k), axis=1)  # nondecreasing; capped entries → F = 1
     # F at the first column: P(Bin(m, q) ≤ k) = I_{1−q}(m − k, k + 1) for 0 ≤ k < m.
@@ -184,18 +190,8 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
 
 def _probs_chunk_direct(n, bcrit, pb, pc, c0, c1, lg_n):
     """Reference version of ``_probs_chunk``: one incomplete beta per (point, c). Used by the tests."""
-    width = int((c1 - c0).max()) + 1
-    c = c0[:, None] + np.arange(width, dtype=np.int64)[None, :]
-    valid = c <= c1[:, None]
-    c = np.minimum(c, n)
-    cf = c.astype(np.float64)
-    pcc = pc[:, None]
-    logw = (lg_n - special.gammaln(cf + 1.0) - special.gammaln(n - cf + 1.0)
-            + special.xlogy(cf, pcc) + special.xlog1py(n - cf, -pcc))
-    w = np.where(valid, np.exp(logw), 0.0)
-    q = np.clip(pb / np.maximum(1.0 - pc, 1e-300), 0.0, 1.0)[:, None]
-    m = n - c
-    k = bcrit[c]
+    c, valid, w, q, m, k = _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n)
+    width = c.shape[1]
     inside = (k >= 0) & (k < m) & valid
     kk = np.where(inside, k, 0).astype(np.float64)
     mm = np.where(inside, m, 1).astype(np.float64)
