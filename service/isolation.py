@@ -101,7 +101,9 @@ def bwrap_argv(view: SandboxView, command: list[str]) -> list[str]:
     if binary is None:
         raise RuntimeError(f"bubblewrap is not installed: {INSTALL_HINT}")
     argv = [binary, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns",
-            "--uid", str(CHILD_UID), "--gid", str(CHILD_UID), "--hostname", "sandbox", "--clearenv"]
+            "--uid", str(CHILD_UID), "--gid", str(CHILD_UID), "--hostname", "sandbox", "--clearenv",
+            # the private /tmp first: a Python or package installed below /tmp is bound on top of it
+            "--size", str(view.tmp_bytes), "--tmpfs", "/tmp"]
     for path in SYSTEM_PATHS:
         if os.path.lexists(path):
             if os.path.islink(path):  # merged /usr: /lib -> usr/lib
@@ -114,8 +116,7 @@ def bwrap_argv(view: SandboxView, command: list[str]) -> list[str]:
     for node in view.gpu_devices + (NVIDIA_CONTROL_NODES if view.gpu_devices else ()):
         if os.path.exists(node):
             argv += ["--dev-bind", node, node]
-    argv += ["--size", str(view.tmp_bytes), "--tmpfs", "/tmp", "--size", str(view.out_bytes), "--tmpfs", "/out",
-             "--dir", "/in"]
+    argv += ["--size", str(view.out_bytes), "--tmpfs", "/out", "--dir", "/in"]
     for name, path in view.inputs.items():
         argv += ["--ro-bind", str(path), f"/in/{name}"]
     argv += ["--remount-ro", "/", "--chdir", "/out"]

@@ -17,7 +17,7 @@ from service import isolation, sandbox  # noqa: E402
 from service.supervisor import ChildSpec, Input, run_child  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-              pytest.mark.skipif(isolation.probe() is not None, reason="needs a working bubblewrap")]
+              pytest.mark.skipif(isolation.bwrap_binary() is None, reason="bubblewrap is not installed")]
 
 SEE = """
 import json, os, torch
