@@ -113,6 +113,16 @@ def _log_binom_pmf(m: np.ndarray, j: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(ok, out, -np.inf)
 
 
+def _bracket(n, pc, c0, c1, s, width):
+    """[lower, upper] around the probability whose in-window part is ``s``: the rounding margins, plus the
+    exact mass of C outside [c0, c1] on the upper side, P(C ≤ c0 − 1) + P(C ≥ c1 + 1)."""
+    lo_tail = np.where(c0 > 0, special.betainc(np.maximum(n - c0 + 1.0, 1.0), np.maximum(c0, 1.0), 1.0 - pc), 0.0)
+    hi_tail = np.where(c1 < n, special.betainc(c1 + 1.0, np.maximum(n - c1, 1.0), pc), 0.0)
+    lower = np.maximum(s * (1.0 - REL_MARGIN) - ABS_MARGIN * width, 0.0)
+    upper = np.minimum(s * (1.0 + REL_MARGIN) + ABS_MARGIN * width + lo_tail + hi_tail, 1.0)
+    return lower, upper
+
+
 def _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n):
     """Per point (rows) and fixed-error count c in [c0, c1] (columns): c, its validity mask, the binomial
     weight P(C = c), the conditional new-error rate q = p_b / (1 − p_c), m = n − c and k = b_crit(c)."""
@@ -179,13 +189,7 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
     else:
         f = f0[:, None]
     cdf = np.where(capped, 1.0, np.where(k < 0, 0.0, np.minimum(f, 1.0)))
-    s = (w * cdf).sum(axis=1)
-    # Mass of C outside [c0, c1], exactly: P(C ≤ c0 − 1) + P(C ≥ c1 + 1).
-    lo_tail = np.where(c0 > 0, special.betainc(np.maximum(n - c0 + 1.0, 1.0), np.maximum(c0, 1.0), 1.0 - pc), 0.0)
-    hi_tail = np.where(c1 < n, special.betainc(c1 + 1.0, np.maximum(n - c1, 1.0), pc), 0.0)
-    lower = np.maximum(s * (1.0 - REL_MARGIN) - ABS_MARGIN * width, 0.0)
-    upper = np.minimum(s * (1.0 + REL_MARGIN) + ABS_MARGIN * width + lo_tail + hi_tail, 1.0)
-    return lower, upper
+    return _bracket(n, pc, c0, c1, (w * cdf).sum(axis=1), width)
 
 
 def _probs_chunk_direct(n, bcrit, pb, pc, c0, c1, lg_n):
@@ -198,13 +202,7 @@ def _probs_chunk_direct(n, bcrit, pb, pc, c0, c1, lg_n):
     # P(Bin(m, q) ≤ k) = I_{1−q}(m − k, k + 1) for 0 ≤ k < m.
     cdf = np.where(inside, special.betainc(mm - kk, kk + 1.0, np.broadcast_to(1.0 - q, kk.shape)), 0.0)
     cdf = np.where(k >= m, 1.0, cdf)
-    s = (w * cdf).sum(axis=1)
-    # Mass of C outside [c0, c1], exactly: P(C ≤ c0 − 1) + P(C ≥ c1 + 1).
-    lo_tail = np.where(c0 > 0, special.betainc(np.maximum(n - c0 + 1.0, 1.0), np.maximum(c0, 1.0), 1.0 - pc), 0.0)
-    hi_tail = np.where(c1 < n, special.betainc(c1 + 1.0, np.maximum(n - c1, 1.0), pc), 0.0)
-    lower = np.maximum(s * (1.0 - REL_MARGIN) - ABS_MARGIN * width, 0.0)
-    upper = np.minimum(s * (1.0 + REL_MARGIN) + ABS_MARGIN * width + lo_tail + hi_tail, 1.0)
-    return lower, upper
+    return _bracket(n, pc, c0, c1, (w * cdf).sum(axis=1), width)
 
 
 # ----------------------------------------------------------------------------- the nuisance line

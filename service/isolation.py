@@ -28,7 +28,6 @@ What the child sees (:func:`bwrap_argv`):
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os

@@ -21,7 +21,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,6 @@ from .store import CANCELLED, FAILED, SUCCEEDED, Job, JobStore
 from .supervisor import ChildSpec, Input, IntegrityError, remove_run_folder, run_child
 
 log = logging.getLogger("certiprune.worker")
-
-@dataclass(frozen=True)
-class _Progress:
-    stage: str
-    done: int
-    total: int
-    message: str = ""
-
 
 PROGRESS_EVERY_S = 0.25  # at most 4 progress writes per second
 STOP_POLL_EVERY_S = 0.5
@@ -72,17 +64,19 @@ def _select_gpu(gpu: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def throttled_progress(store: JobStore, job_id: str, run_id: str) -> Callable[[Any], None]:
-    last = {"t": 0.0, "stage": None}
+def throttled_progress(store: JobStore, job_id: str,
+                       run_id: str) -> Callable[[str, int, int, str | None], None]:
+    """``report(stage, done, total, message)``: record progress, at most every PROGRESS_EVERY_S within a stage."""
+    last: dict[str, Any] = {"t": 0.0, "stage": None}
 
-    def report(p: Any) -> None:
+    def report(stage: str, done: int, total: int, message: str | None) -> None:
         now = time.monotonic()
-        if p.stage == last["stage"] and p.done < p.total and now - last["t"] < PROGRESS_EVERY_S:
+        if stage == last["stage"] and done < total and now - last["t"] < PROGRESS_EVERY_S:
             return
-        last["t"], last["stage"] = now, p.stage
+        last["t"], last["stage"] = now, stage
         try:
-            store.update_progress(job_id=job_id, run_id=run_id, stage=p.stage, done=p.done, total=p.total,
-                                  message=p.message or None)
+            store.update_progress(job_id=job_id, run_id=run_id, stage=stage, done=done, total=total,
+                                  message=message or None)
         except Exception:  # progress is best effort; the job itself goes on
             log.warning("could not record progress of %s", job_id, exc_info=True)
 
@@ -180,7 +174,7 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
                      asdict(limits))
             outcome = run_child(
                 spec,
-                on_progress=lambda stage, done, total, message: report(_Progress(stage, done, total, message or "")),
+                on_progress=report,
                 should_stop=throttled_stop_check(store, job_id, run_id),
             )
         if outcome.status == "cancelled":
