@@ -131,8 +131,12 @@ def test_code_inside_the_sandbox_reaches_nothing_of_other_tenants_or_the_server(
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["uid"] == isolation.CHILD_UID
-    assert set(report["root"]) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev",
-                                   "tmp", "out", "in", "root", "work", "opt", "home", "srv"}, report["root"]
+    # Only what the view binds shows at the root: the system, the Python install and the packages (wherever this
+    # checkout lives: /work, /check, ...), /proc, /dev and the three private mounts.
+    bound = {Path(p).parts[1] for p in isolation.SYSTEM_PATHS if os.path.lexists(p)}
+    bound |= {folder.parts[1] for folder in isolation.python_paths()}
+    bound |= {"proc", "dev", "tmp", "out", "in"}
+    assert set(report["root"]) <= bound, (set(report["root"]) - bound, report["root"])
     assert len(report["pids"]) <= 3, report["pids"]  # its own PID namespace: bwrap's init, python
     assert all(v != True for v in report["read"].values()), report["read"]  # noqa: E712
     assert all(v != True for v in report["wrote"].values()), report["wrote"]  # noqa: E712
