@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,16 +151,26 @@ def _known_namespaces() -> frozenset[str]:
     return frozenset(n.split("::", 1)[0] for n in allowlist() if not n.startswith("builtin::"))
 
 
-@functools.lru_cache(maxsize=1)
-def _live_aten_names() -> frozenset[str]:
-    """Operator names registered in the running torch (to catch methods newer than the frozen list)."""
-    try:
-        import torch
+_LIVE_ATEN: frozenset[str] | None = None
 
-        return frozenset(s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
-                         if s.name.startswith("aten::"))
-    except Exception:  # pragma: no cover - a torch without the private API: the frozen list still applies
-        return frozenset()
+
+def _live_aten_names() -> frozenset[str]:
+    """Operator names registered in the running torch (to catch methods newer than the frozen list).
+
+    Only where torch is already imported: the worker's child (``load_model`` imports it, then scans with
+    ``torch_reader=True`` right before ``torch.jit.load``). The API process never imports torch, so its
+    admission scan applies the frozen list and the denylist alone; the child's scan adds this check."""
+    global _LIVE_ATEN
+    if _LIVE_ATEN is None:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return frozenset()
+        try:
+            _LIVE_ATEN = frozenset(s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
+                                   if s.name.startswith("aten::"))
+        except Exception:  # pragma: no cover - a torch without the private API: the frozen list still applies
+            _LIVE_ATEN = frozenset()
+    return _LIVE_ATEN
 
 
 def denial_reason(op: str) -> str | None:

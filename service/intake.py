@@ -1,6 +1,6 @@
 """Intake: store uploaded files and validate them in the API process without running them.
 
-The model is only checked structurally (``calibration.model.check_archive``): a TorchScript
+The model is only checked structurally (``calibration.archive.check_archive``): a TorchScript
 archive is a program, so loading it is left to the sandboxed worker process. Data is parsed
 with ``allow_pickle=False``. Every failure becomes an ``ApiError`` with the calibration code.
 """
@@ -23,7 +23,7 @@ import httpx
 from calibration.config import LABELLED_RISKS, CertifyConfig, validate_config
 from calibration.data import load_calibration
 from calibration.errors import CalibrationError
-from calibration.model import check_archive
+from calibration.archive import check_archive
 
 from .errors import ApiError
 from .middleware import too_large_message

@@ -229,7 +229,7 @@ def _data_suffix(relpath: str) -> str:
 def check_artifact(path: Path) -> tuple[str, str] | None:
     """The child's artifact must at least be a TorchScript archive that passes the admission check."""
     from calibration.errors import CalibrationError  # lazy: calibration imports torch
-    from calibration.model import check_archive
+    from calibration.archive import check_archive
 
     try:
         check_archive(path)

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from ..settings import Settings
 from ..store import Claim, Job, JobStore
@@ -30,14 +31,34 @@ log = logging.getLogger("certiprune.executor")
 SHUTDOWN_WAIT_S = 5.0
 
 
+def visible_gpu_count(visible: str | None = None, driver_dir: Path = Path("/proc/driver/nvidia/gpus")) -> int:
+    """NVIDIA GPUs this process may use, read from the driver and ``CUDA_VISIBLE_DEVICES`` without
+    importing torch (the API process must not: a cold torch import costs seconds on a small machine).
+
+    As CUDA does: the list is read up to its first invalid entry; an empty list hides every GPU."""
+    try:
+        present = sum(1 for _ in driver_dir.iterdir())
+    except OSError:
+        return 0
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if entry.isdigit() and int(entry) < present:
+            count += 1
+        elif entry.startswith(("GPU-", "MIG-")) and present:
+            count += 1
+        else:
+            break
+    return count
+
+
 def default_slots() -> list[int | None]:
     """One slot per visible GPU, else a single CPU slot."""
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no torch or a broken driver: run on CPU
-        n = 0
+    n = visible_gpu_count()
     return list(range(n)) if n else [None]
 
 

@@ -101,6 +101,33 @@ def test_job_succeeds_and_the_artifact_matches_the_certificate(client: httpx.Cli
     assert_error(client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_already_finished")
 
 
+def test_the_api_process_never_loads_torch(client: httpx.Client, worker_server: Server, inputs: Inputs) -> None:
+    """Uploaded models run only in workers; the API process checks archives as text. Its memory map after a
+    whole job (admission, progress, download) must hold no torch library: that is what keeps its start fast."""
+    job = wait_terminal(client, submit(client, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"])
+    assert job["status"] == "succeeded", job
+    assert client.get(f"/v1/jobs/{job['id']}/artifact").status_code == 200
+    maps = Path(f"/proc/{worker_server.proc.pid}/maps").read_text()
+    assert "site-packages/numpy" in maps  # the check reads the right process
+    assert "libtorch" not in maps and "/torch/" not in maps, [ln for ln in maps.splitlines() if "torch" in ln][:3]
+
+
+def test_visible_gpu_count_follows_the_driver_and_cuda_visible_devices(tmp_path: Path) -> None:
+    from service.executors.local import visible_gpu_count
+
+    driver = tmp_path / "gpus"
+    assert visible_gpu_count(None, driver) == 0  # no NVIDIA driver
+    driver.mkdir()
+    for bus in ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0"):
+        (driver / bus).mkdir()
+    assert visible_gpu_count(None, driver) == 3
+    assert visible_gpu_count("", driver) == 0
+    assert visible_gpu_count("2,0", driver) == 2
+    assert visible_gpu_count("1,7,0", driver) == 1  # CUDA stops at the first invalid entry
+    assert visible_gpu_count("-1", driver) == 0
+    assert visible_gpu_count("GPU-8f2c,GPU-11aa", driver) == 2
+
+
 def test_a_stored_dataset_gives_the_same_certificate_as_the_file(client: httpx.Client, inputs: Inputs) -> None:
     ds = client.post("/v1/datasets", files={"file": ("digits.npz", inputs.data.read_bytes())})
     assert ds.status_code == 201, ds.text
