@@ -70,7 +70,7 @@ def schema_diff(connection: Connection) -> list[Any]:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from ..store import Base
+    from ..tables import Base
 
     ctx = MigrationContext.configure(connection, opts={"compare_type": True})
     return list(compare_metadata(ctx, Base.metadata))
@@ -134,7 +134,7 @@ def _adopt_unversioned(conn: Connection) -> None:
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
 
-    from ..store import Base
+    from ..tables import Base
 
     Base.metadata.create_all(conn)  # tables that are missing entirely, with their indexes
     inspector = inspect(conn)

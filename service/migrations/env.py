@@ -7,7 +7,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
-from service.store import Base, UTCDateTime
+from service.tables import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata

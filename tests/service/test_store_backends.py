@@ -34,7 +34,8 @@ from test_store import (  # noqa: F401
 )
 
 from service.migrations import HEAD_REVISION, current_revision, head_revision, schema_diff, script_head, upgrade
-from service.store import Base, JobStore, make_engine, make_worker_id, new_job_id, utcnow
+from service.store import JobStore, make_engine, make_worker_id, new_job_id, utcnow
+from service.tables import Base
 
 pytestmark = pytest.mark.timeout(120)
 

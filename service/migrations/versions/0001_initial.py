@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-22
 
-Timestamps are naive UTC ``DateTime`` columns (``service.store.UTCDateTime`` converts at the
+Timestamps are naive UTC ``DateTime`` columns (``service.tables.UTCDateTime`` converts at the
 boundary); JSON columns are ``JSON`` on both SQLite and PostgreSQL.
 """
 
