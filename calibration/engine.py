@@ -228,7 +228,7 @@ class _Run:
 def _labels_needed(risk: str, data: CalibrationSet) -> None:
     if risk in LABELLED_RISKS and not data.has_labels:
         raise ConfigError(f"The risk {risk!r} needs labels but the data set has no 'y'. "
-                          "Use risk 'disagreement' (needs no labels) or upload labels.", code="risk_needs_labels")
+                          "Use risk 'disagreement' (needs no labels) or upload labels.", code="labels_required")
 
 
 def certify(

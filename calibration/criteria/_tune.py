@@ -33,12 +33,12 @@ def tune_loss(module: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(
             f"The model must return logits of shape (batch, classes); for a batch of {x.shape[0]} it returned {shape}.",
-            code="model_output_not_logits",
+            code="model_bad_output",
         )
     if y.numel() and int(y.max()) >= logits.shape[1]:
         raise DataError(
             f"Label {int(y.max())} is out of range for a model with {logits.shape[1]} outputs.",
-            code="labels_out_of_range",
+            code="data_labels_out_of_range",
         )
     return F.cross_entropy(logits.float(), y)
 

@@ -205,7 +205,7 @@ def test_risk_needing_labels_without_labels(tmp_path, files):
     path = _npz(tmp_path, x=np.random.rand(30, 64).astype(np.float32))
     with pytest.raises(ConfigError) as info:
         certify(files["mlp"], path, {"risk": "error_rate"})
-    assert info.value.code == "risk_needs_labels"
+    assert info.value.code == "labels_required"
 
 
 def test_split_is_seeded_disjoint_and_complete():
