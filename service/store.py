@@ -92,6 +92,7 @@ class Job:
     worker_id: str | None
     heartbeat_at: datetime | None
     placement: dict[str, Any] | None = None
+    uncertainty_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
@@ -241,6 +242,7 @@ class JobStore:
         data_sha256: str,
         dataset_id: str | None = None,
         uncertainty_path: str | None = None,
+        uncertainty_sha256: str | None = None,
     ) -> Job:
         row = JobRow(
             id=job_id,
@@ -252,6 +254,7 @@ class JobStore:
             model_path=model_path,
             data_path=data_path,
             uncertainty_path=uncertainty_path,
+            uncertainty_sha256=uncertainty_sha256,
             model_sha256=model_sha256,
             data_sha256=data_sha256,
             progress_stage=QUEUED,

@@ -52,6 +52,9 @@ class JobRow(Base):
     model_path: Mapped[str] = mapped_column(Text)  # relative to the storage root
     data_path: Mapped[str] = mapped_column(Text)
     uncertainty_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # recorded at admission, re-checked by the supervisor before the child sees the file (NULL: a job
+    # admitted before revision 0003, whose file is hashed when the run starts)
+    uncertainty_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_sha256: Mapped[str] = mapped_column(String(64))
     data_sha256: Mapped[str] = mapped_column(String(64))
     progress_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)

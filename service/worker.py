@@ -164,8 +164,9 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
             inputs = [Input(Path(model_path), "model.pt", job.model_sha256),
                       Input(Path(data_path), "data" + _data_suffix(job.data_path), job.data_sha256)]
             if uncertainty_path is not None:
-                # no sha256 is recorded for it at admission: hash the copy the child gets, for the log
-                inputs.append(Input(Path(uncertainty_path), "uncertainty.safetensors", sha256_file(uncertainty_path)))
+                # a job admitted before the store recorded its sha256 (revision 0003): hash the copy the child gets
+                inputs.append(Input(Path(uncertainty_path), "uncertainty.safetensors",
+                                    job.uncertainty_sha256 or sha256_file(uncertainty_path)))
             spec = ChildSpec(inputs=inputs, config=dict(job.config), limits=limits, isolate=isolate, work=run_folder,
                              log_path=work / "child.log", max_log_bytes=settings.max_log_bytes,
                              tmp_bytes=settings.sandbox_tmp_bytes,

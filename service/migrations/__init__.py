@@ -8,7 +8,7 @@ before migrations existed (tables, no ``alembic_version``) is adopted: missing t
 indexes are added, then it is stamped at the head revision.
 
 By hand: ``python -m service.migrations upgrade [--database-url URL]`` (also ``current``, ``check``,
-and ``revision -m MESSAGE`` to autogenerate a new revision from the models in ``service.store``).
+and ``revision -m MESSAGE`` to autogenerate a new revision from the models in ``service.tables``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ log = logging.getLogger("certiprune.migrations")
 HERE = Path(__file__).resolve().parent
 #: The newest revision in versions/. Spelled out so that opening a current store needs no Alembic
 #: import (every job's process opens one); a test checks it against Alembic's own view.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 #: One PostgreSQL advisory lock key for schema changes ("cert" in ASCII).
 ADVISORY_LOCK_KEY = 0x63657274
 

@@ -83,8 +83,8 @@ class Fingerprint:
 
 
 def _job_fingerprint(storage: Storage, job: Job) -> Fingerprint:
-    unc = None
-    if job.uncertainty_path:
+    unc = job.uncertainty_sha256
+    if unc is None and job.uncertainty_path:  # admitted before the store recorded it (revision 0003)
         with storage.open(job.uncertainty_path) as fh:
             unc = sha256_stream(fh)
     return Fingerprint(config=dict(job.config), model_sha256=job.model_sha256,
@@ -226,7 +226,8 @@ async def create_job(
         job = await run_in_threadpool(
             lambda: store.create(job_id=job_id, owner=owner, config=cfg.to_dict(), model_path=stored_model.path,
                                  data_path=data_path, model_sha256=stored_model.sha256, data_sha256=data_sha,
-                                 dataset_id=dataset_id, uncertainty_path=uncertainty_path)
+                                 dataset_id=dataset_id, uncertainty_path=uncertainty_path,
+                                 uncertainty_sha256=unc_sha)
         )
     except IntegrityError:
         await run_in_threadpool(_remove_request_files, storage, base, job_folder)

@@ -382,3 +382,39 @@ def test_hostile_models_are_refused_at_submission_and_the_victim_is_untouched(
         assert again["status"] == "succeeded"
         assert again["result"]["certified_sparsity"] == victim["job"]["result"]["certified_sparsity"]
     assert "job_victim succeeded" not in server.log_path.read_text()
+
+
+def test_an_uncertainty_file_changed_after_admission_is_never_used(make_server, inputs: Inputs,
+                                                                   tmp_path: Path) -> None:
+    """The uncertainty file (mu's training statistics) is hashed at admission like the model and the data: a job
+    queued by one server and run by another after the stored file was overwritten fails ``input_integrity_error``."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = torch.jit.load(str(inputs.model))
+    stats = {}
+    for name, p in model.named_parameters():
+        if name.endswith("weight"):
+            stats[f"{name}.var"] = torch.rand_like(p) + 0.1
+            stats[f"{name}.mean"] = p.detach().clone()
+    unc = tmp_path / "u.safetensors"
+    save_file(stats, str(unc), metadata={"format": "certiprune-uncertainty/1", "count": "20"})
+    config = {**FAST_CONFIG, "criterion": "mu"}
+
+    queue = make_server(executor="none", sandbox="on")
+    with queue.client() as c:
+        r = submit(c, inputs.model, data=inputs.data, config=config,
+                   extra_files={"uncertainty": ("u.safetensors", unc.read_bytes())})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+    queue.stop()
+    stored = next(queue.data_dir.rglob("uncertainty.safetensors"))
+    assert stored.read_bytes() == unc.read_bytes()
+    forged = {k: (v * 0 + 1e-6 if k.endswith(".var") else v) for k, v in stats.items()}  # makes every weight "certain"
+    save_file(forged, str(stored), metadata={"format": "certiprune-uncertainty/1", "count": "20"})
+
+    runner = make_server(data_dir=queue.data_dir, sandbox="on")
+    with runner.client() as c:
+        done = wait_terminal(c, job_id, timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "input_integrity_error", done
+    assert "uncertainty" in done["error"]["message"]
