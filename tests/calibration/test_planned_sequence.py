@@ -1,0 +1,171 @@
+"""The planned testing sequence: the plan's shape, the procedure on given p-values, and validity by simulation.
+
+Validity is checked against the definition: many independent (D_tune, D_cal) draws from known risk curves
+(monotone, flat exactly at ε, non-monotone with several crossings, all null) and D_tune drawn from a
+*different* curve than D_cal (a misleading plan); the frequency of certifying a level whose true risk is
+≥ ε (the boundary counts as null) must stay ≤ δ within 3 Monte-Carlo standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from calibration.errors import ConfigError
+from calibration.planned_sequence import Plan, PlannedSequence, plan_sequence, predict_pass
+
+EPS, DELTA = 0.1, 0.1
+
+
+def test_a_monotone_prediction_is_found_by_bisection_in_log_k_evaluations() -> None:
+    for k in (1, 2, 7, 50, 100, 257):
+        for crossing in sorted({0, 1, k // 3, k - 1, k}):
+            calls: list[int] = []
+
+            def passes(j: int) -> bool:
+                calls.append(j)
+                return j < crossing
+
+            plan = plan_sequence(k, passes)
+            assert plan.estimate == (crossing - 1 if crossing > 0 else None)
+            assert len(calls) == len(set(calls)) <= math.ceil(math.log2(k + 1)) + 1
+            assert list(plan.sequence) == sorted(set(plan.sequence))
+            assert all(0 <= j < k for j in plan.sequence)
+            if plan.estimate is not None:
+                # dense around the estimate, with rungs below it
+                assert {max(0, plan.estimate - 2), plan.estimate, min(k - 1, plan.estimate + 3)} <= set(plan.sequence)
+            assert len(plan.sequence) <= 6 + 2 * 3
+
+
+def test_the_ladder_reaches_below_the_window_and_above_it() -> None:
+    plan = plan_sequence(100, lambda j: j <= 60, ladder_width=3)
+    assert plan.estimate == 60
+    assert plan.sequence == (46, 52, 55, 58, 59, 60, 61, 62, 63, 66, 69, 75)
+
+
+def test_the_procedure_rejects_a_leading_run_of_the_sequence_only() -> None:
+    p = np.full(10, np.nan)
+    p[[2, 4, 5, 7]] = [0.01, 0.02, 0.5, 0.001]
+    proc = PlannedSequence((2, 4, 5, 7))
+    rejected = proc.rejected(p, DELTA)
+    assert rejected.tolist() == [False, False, True, False, True, False, False, False, False, False]
+    assert proc.select(rejected, np.linspace(0, 0.9, 10)) == 4  # 7's small p comes after 5 failed
+    p_all = np.zeros(10)  # every level would pass, but only the sequence is ever rejected
+    assert np.flatnonzero(proc.rejected(p_all, DELTA)).tolist() == [2, 4, 5, 7]
+    assert proc.select(np.zeros(10, dtype=bool), np.linspace(0, 0.9, 10)) is None
+    with pytest.raises(ConfigError, match="ascending"):
+        PlannedSequence((3, 1))
+    with pytest.raises(ConfigError, match="needs its sequence"):
+        PlannedSequence().rejected(p, DELTA)
+    with pytest.raises(ConfigError, match="does not fit"):
+        PlannedSequence((2, 12)).rejected(p, DELTA)
+
+
+def test_predict_pass_uses_the_frequencies_at_d_cal_size() -> None:
+    losses = np.zeros(200, dtype=np.int8)
+    losses[:10] = 1  # 5 % observed, ε = 10 %
+    assert predict_pass("binomial", "error_rate", losses, 2000, EPS, DELTA)  # 100 of 2000 vs ε = 0.1: certain
+    # Independent check of that claim: P(Bin(2000, 0.1) ≤ 100) is astronomically small.
+    assert stats.binom.cdf(100, 2000, EPS) < 1e-10
+    losses[:30] = 1  # 15 %: never passes
+    assert not predict_pass("binomial", "error_rate", losses, 100_000, EPS, DELTA)
+    assert not predict_pass("binomial", "error_rate", losses[:0], 2000, EPS, DELTA)
+
+
+def _draw_losses(rng: np.random.Generator, risks: np.ndarray, n: int) -> np.ndarray:
+    """Per-sample 0/1 losses (n, K), each level Bernoulli(R_j), independent across levels: the harshest case for
+    multiplicity (testing every level at δ without a procedure would violate in ≈ 1 − 0.9^K of the flat jobs),
+    while fixed-sequence validity holds under any dependence."""
+    return (rng.random((n, risks.size)) < risks[None, :]).astype(np.int8)
+
+
+def _binomial_p(losses: np.ndarray) -> float:
+    """Independent exact p-value for H: R ≥ ε from 0/1 losses: P(Bin(n, ε) ≤ observed)."""
+    return float(stats.binom.cdf(int(losses.sum()), losses.shape[0], EPS))
+
+
+def _certify(rng: np.random.Generator, tune_risks: np.ndarray, cal_risks: np.ndarray, n_tune: int,
+             n_cal: int) -> tuple[int | None, int]:
+    """One job: plan on D_tune, test on D_cal; (certified index or None, levels evaluated on D_cal)."""
+    tune = _draw_losses(rng, tune_risks, n_tune)
+    cal = _draw_losses(rng, cal_risks, n_cal)
+    plan = plan_sequence(len(cal_risks), lambda j: predict_pass("binomial", "error_rate", tune[:, j], n_cal, EPS, DELTA))
+    proc = PlannedSequence(plan.sequence)
+    p = np.full(len(cal_risks), np.nan)
+    tested = 0
+    for j in plan.sequence:
+        p[j] = _binomial_p(cal[:, j])
+        tested += 1
+        if p[j] > DELTA:
+            break
+    return proc.select(proc.rejected(p, DELTA), np.arange(len(cal_risks)) / len(cal_risks)), tested
+
+
+K = 40
+GRID = np.arange(K) / K
+CURVES = {
+    "monotone": 0.02 + 0.2 * GRID,                                  # crosses ε at λ = 0.4
+    "flat at ε (all on the boundary)": np.full(K, EPS),
+    "just inside the null everywhere": np.full(K, EPS + 0.005),
+    "non-monotone, three crossings": np.where(GRID < 0.3, 0.06, np.where(GRID < 0.5, 0.14,
+                                                                           np.where(GRID < 0.7, 0.095, 0.2))),
+    "global null": np.full(K, 0.15),
+}
+
+
+@pytest.mark.parametrize("name", list(CURVES))
+@pytest.mark.parametrize("tune_from", ["same", "optimistic", "pessimistic"])
+def test_violation_frequency_is_at_most_delta(name: str, tune_from: str) -> None:
+    """≥ 1500 jobs per case. D_tune from the same curve, from a curve of risk 0 (plans at the top of the
+    grid), or from a curve of risk 1 (plans at the bottom): validity must not depend on the plan."""
+    cal_risks = CURVES[name]
+    tune_risks = {"same": cal_risks, "optimistic": np.zeros(K), "pessimistic": np.ones(K)}[tune_from]
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{tune_from}".encode()))
+    draws, violations, tested = 1500, 0, []
+    for _ in range(draws):
+        chosen, n_tested = _certify(rng, tune_risks, cal_risks, n_tune=200, n_cal=600)
+        tested.append(n_tested)
+        if chosen is not None and cal_risks[chosen] >= EPS:
+            violations += 1
+    freq = violations / draws
+    se = math.sqrt(DELTA * (1 - DELTA) / draws)
+    assert freq <= DELTA + 3 * se, (name, tune_from, freq)
+    assert max(tested) <= 12  # D_cal sees the planned sequence only
+
+
+def test_planning_tests_far_fewer_levels_and_certifies_as_much_on_a_monotone_curve() -> None:
+    """Power and cost against plain fixed-sequence over the whole grid on the same draws."""
+    rng = np.random.default_rng(7)
+    risks = 0.02 + 0.2 * np.arange(100) / 100  # crossing at index 40
+    planned, full, planned_tested, full_tested = [], [], [], []
+    for _ in range(200):
+        tune = _draw_losses(rng, risks, 500)
+        cal = _draw_losses(rng, risks, 2000)
+        plan = plan_sequence(100, lambda j: predict_pass("binomial", "error_rate", tune[:, j], 2000, EPS, DELTA))
+        last, n = None, 0
+        for j in plan.sequence:
+            n += 1
+            if _binomial_p(cal[:, j]) > DELTA:
+                break
+            last = j
+        planned.append(-1 if last is None else last)
+        planned_tested.append(n)
+        last, n = None, 0
+        for j in range(100):
+            n += 1
+            if _binomial_p(cal[:, j]) > DELTA:
+                break
+            last = j
+        full.append(-1 if last is None else last)
+        full_tested.append(n)
+    assert np.median(planned) >= np.median(full) - 1
+    assert np.mean(full_tested) >= 3 * np.mean(planned_tested), (np.mean(full_tested), np.mean(planned_tested))
+
+
+def test_plan_is_a_plain_record() -> None:
+    plan = Plan(sequence=(1, 2), tune_evaluated=(3,), estimate=2)
+    assert plan.to_dict() == {"sequence": [1, 2], "tune_evaluated": [3], "estimate": 2}
