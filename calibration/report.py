@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,17 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
         f"zeroed weights     : {result['zeroed_parameters']:,} of {result['prunable_parameters']:,} prunable",
         f"BN re-estimation   : {result.get('bn_recalibration', 'n/a')}",
     ]
+    cand = result.get("prunable_weights")
+    if cand:
+        lines.insert(-1, f"candidate weights  : {cand['count']} of {cand['of_count']} weight matrices "
+                         f"({cand['params']:,} of {cand['of_params']:,} parameters, {cand['fraction_params']:.1%})")
     reconstruction = result.get("reconstruction")
     if reconstruction:
         lines.append("reconstruction     : " + (f"unavailable, plain masks ({reconstruction['unavailable']})"
                                                 if reconstruction.get("unavailable") else
-                                                f"{len(reconstruction['layers'])} layers, {len(reconstruction['skipped'])} "
-                                                "masked only"))
+                                                f"{len(reconstruction['layers'])} of "
+                                                f"{reconstruction.get('of_layers', len(reconstruction['layers']))} "
+                                                f"layers reconstructed, {len(reconstruction['skipped'])} masked only"))
     if result.get("bound_note"):
         lines.append(f"note on the bound   : {result['bound_note']}")
     more = result.get("more_data")
@@ -63,77 +69,134 @@ RISK_LABELS = {
     "disagreement": "disagreement with the dense model",
     "error_rate": "error rate",
 }
+#: Series colours: matplotlib's default cycle, so the PNG and the page's SVG colour criteria alike.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+EPSILON_COLOUR = "#c0392b"
+LAMBDA_COLOUR = "#1e8449"
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _series(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per criterion: name, δ share and levels; a result without ``criteria`` is one series."""
-    return result.get("criteria") or [{"criterion": result["criterion"], "delta": result["delta"],
-                                       "levels": result["levels"]}]
+    """Per criterion (the winner first when there are several): name, δ share and levels; a result without
+    ``criteria`` is one series."""
+    criteria = [c for c in (result.get("criteria") or []) if isinstance(c, dict)]
+    if criteria:
+        return criteria
+    return [{"criterion": result.get("criterion"), "delta": result.get("delta"),
+             "certified_sparsity": result.get("certified_sparsity"), "levels": result.get("levels") or []}]
 
 
-def _y_limits(result: dict[str, Any]) -> tuple[float, float, bool]:
-    """(low, high, cut): ε and each criterion's levels up to its first failure stay in view; what rises far
-    above (a full curve, bounds near 1) is cut, so the region around ε stays readable."""
-    eps = float(result["epsilon"])
-    risks, values, decisive = [0.0], [eps], []
+def evaluated_levels(levels: Any) -> list[dict[str, Any]]:
+    """The levels that were tested and have a risk (older results may lack ``evaluated``: tested)."""
+    return [lv for lv in (levels or []) if isinstance(lv, dict) and lv.get("evaluated", True)
+            and _num(lv.get("sparsity")) is not None and _num(lv.get("empirical_risk")) is not None]
+
+
+def plot_ranges(result: dict[str, Any]) -> tuple[float, float, float, float, bool]:
+    """(x_lo, x_hi, y_lo, y_hi, cut): the y range shows ε and every level up to each criterion's first
+    failure; what lies far above (a full curve rising to 0.5, bounds shooting to 1) is cut off, ``cut``
+    says so, so that the region around ε — where the decision is made — stays readable."""
+    epsilon = _num(result.get("epsilon")) or 0.0
+    xs, risks, values, decisive = [], [], [], []
     for crit in _series(result):
         failed = False
-        for lvl in crit["levels"]:
-            if not lvl["evaluated"] or lvl["empirical_risk"] is None:
-                continue
-            risks.append(lvl["empirical_risk"])
-            values += [lvl["empirical_risk"]] + ([lvl["upper_bound"]] if lvl.get("upper_bound") is not None else [])
+        for lv in evaluated_levels(crit.get("levels")):
+            x, r, u = float(lv["sparsity"]), float(lv["empirical_risk"]), _num(lv.get("upper_bound"))
+            xs.append(x)
+            risks.append(r)
+            values += [r] if u is None else [r, u]
             if not failed:
-                decisive.append(lvl["empirical_risk"])
-                failed = not lvl["rejected"]
-    high = min(max(values + [1e-3]), max(2.5 * eps, 1.15 * max(decisive, default=0.0), 1e-3))
-    pad = 0.06 * (high - min(risks))
-    return min(risks) - (pad if min(risks) < 0 else 0.0), high + pad, max(values) > high + pad
+                decisive.append(r)
+                failed = not lv.get("rejected")
+    x_hi = min(1.0, max(0.1, math.ceil((max(xs, default=0.0) + 0.02) * 10) / 10))
+    y_lo = min([0.0, *risks])
+    top = max([epsilon, *values, 1e-3])
+    y_hi = min(top, max(2.5 * epsilon, 1.15 * max(decisive, default=0.0), 1e-3))
+    pad = (y_hi - y_lo) * 0.06
+    return 0.0, x_hi, y_lo - (pad if y_lo < 0 else 0.0), y_hi + pad, top > y_hi + pad
+
+
+def risk_plot_data(result: dict[str, Any]) -> dict[str, Any]:
+    """What the risk-vs-sparsity plot shows, independent of how it is drawn: the one source of both the PNG
+    (:func:`risk_curve_figure`, matplotlib) and the HTML report's inline SVG (``service/report_page.py``).
+
+    Per criterion (``series``): name, colour, δ share, its confidence as a label, and the evaluated levels
+    (sparsity, empirical risk, upper bound or None, p-value, rejected); the tolerance ε, the certified
+    sparsity λ̂ (``certified`` is False when nothing was certified: no λ̂ marker), the axis ranges of
+    :func:`plot_ranges` and whether values were cut off above the y range.
+
+    Why shared data rather than one matplotlib figure saved as SVG for the page: the API process would pay
+    matplotlib's import (about a second cold) and a figure per report request, its SVG draws text as glyph
+    paths (no selectable text, 100+ KB) and carries none of the page's hooks (classes, ``data-criterion``,
+    per-point tooltips) that the page and its tests rely on. So the two renderers share everything that
+    decides what is shown; each only maps it to its own coordinates. Pure Python: no matplotlib, no torch.
+    """
+    epsilon = _num(result.get("epsilon")) or 0.0
+    certified = _num(result.get("certified_sparsity"))
+    is_certified = bool(result.get("certified")) and certified is not None and certified > 0
+    x_lo, x_hi, y_lo, y_hi, cut = plot_ranges(result)
+    series = []
+    for i, crit in enumerate(_series(result)):
+        delta = _num(crit.get("delta"))
+        series.append({
+            "criterion": crit.get("criterion"), "colour": PALETTE[i % len(PALETTE)], "delta": delta,
+            "confidence": f"{(1 - delta) * 100:.3g}% " if delta is not None else "",
+            "levels": [{"sparsity": float(lv["sparsity"]), "risk": float(lv["empirical_risk"]),
+                        "upper_bound": _num(lv.get("upper_bound")), "p_value": _num(lv.get("p_value")),
+                        "rejected": bool(lv.get("rejected"))} for lv in evaluated_levels(crit.get("levels"))],
+        })
+    return {"series": series, "epsilon": epsilon, "certified": is_certified,
+            "certified_sparsity": certified if is_certified else None,
+            "x_range": (x_lo, x_hi), "y_range": (y_lo, y_hi), "cut": cut,
+            "risk": str(result.get("risk") or "risk"), "epsilon_colour": EPSILON_COLOUR,
+            "lambda_colour": LAMBDA_COLOUR}
 
 
 def risk_curve_figure(result: dict[str, Any]):  # -> matplotlib.figure.Figure
     """Empirical risk (solid) and its upper confidence bound (dashed) per tested sparsity and criterion,
-    ε (red) and the certified λ̂ (green). Filled dots: levels the procedure rejected (certified safe).
+    ε (red) and the certified λ̂ (green), from :func:`risk_plot_data`. Filled dots: levels the procedure
+    rejected (certified safe).
 
     Built without pyplot, so it neither needs a display nor changes matplotlib's global backend.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
+    plot = risk_plot_data(result)
     fig = Figure(figsize=(8, 4.5), dpi=110)
     ax = fig.add_subplot()
-    for crit in _series(result):
-        lv = [lvl for lvl in crit["levels"] if lvl["evaluated"] and lvl["empirical_risk"] is not None]
+    for crit in plot["series"]:
+        lv = crit["levels"]
         if not lv:
             continue
-        xs = [lvl["sparsity"] for lvl in lv]
-        line, = ax.plot(xs, [lvl["empirical_risk"] for lvl in lv], label=f"{crit['criterion']}: empirical risk")
-        colour = line.get_color()
-        safe = [lvl for lvl in lv if lvl["rejected"]]
-        unsafe = [lvl for lvl in lv if not lvl["rejected"]]
-        ax.plot([lvl["sparsity"] for lvl in safe], [lvl["empirical_risk"] for lvl in safe], "o", ms=3.5,
-                color=colour)
-        ax.plot([lvl["sparsity"] for lvl in unsafe], [lvl["empirical_risk"] for lvl in unsafe], "o", ms=3.5,
-                mfc="white", color=colour)
-        ucb = [(lvl["sparsity"], lvl["upper_bound"]) for lvl in lv if lvl.get("upper_bound") is not None]
+        name, colour = crit["criterion"], crit["colour"]
+        ax.plot([p["sparsity"] for p in lv], [p["risk"] for p in lv], color=colour, label=f"{name}: empirical risk")
+        for rejected, face in ((True, colour), (False, "white")):
+            dots = [p for p in lv if p["rejected"] is rejected]
+            ax.plot([p["sparsity"] for p in dots], [p["risk"] for p in dots], "o", ms=3.5, color=colour, mfc=face)
+        ucb = [(p["sparsity"], p["upper_bound"]) for p in lv if p["upper_bound"] is not None]
         if ucb:
-            conf = f"{(1 - crit['delta']) * 100:.3g}% " if crit.get("delta") is not None else ""
-            ax.plot(*zip(*ucb), linestyle="--", color=colour, label=f"{crit['criterion']}: {conf}upper bound")
-    ax.axhline(result["epsilon"], color="crimson", linestyle=(0, (6, 3)), linewidth=1.2,
-               label=f"tolerance ε = {result['epsilon']:g}")
-    if result["certified"]:
-        ax.axvline(result["certified_sparsity"], color="green", linewidth=1.2,
-                   label=f"certified λ̂ = {result['certified_sparsity']:.0%} ({result['criterion']})")
-    low, high, cut = _y_limits(result)
+            ax.plot(*zip(*ucb), linestyle="--", color=colour, label=f"{name}: {crit['confidence']}upper bound")
+    eps = plot["epsilon"]
+    ax.axhline(eps, color=plot["epsilon_colour"], linestyle=(0, (6, 3)), linewidth=1.2,
+               label=f"tolerance ε = {eps:g}")
+    if plot["certified"]:
+        ax.axvline(plot["certified_sparsity"], color=plot["lambda_colour"], linewidth=1.2,
+                   label=f"certified λ̂ = {plot['certified_sparsity']:.0%} ({result.get('criterion')})")
+    low, high = plot["y_range"]
     ax.set_ylim(low, high)
-    ax.set_xlim(left=0.0)
+    ax.set_xlim(*plot["x_range"])
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
-    ax.set_ylabel(RISK_LABELS.get(result["risk"], result["risk"]))
-    verdict = (f"certified {result['certified_sparsity']:.0%} sparsity" if result["certified"]
-               else "nothing certified")
-    ax.set_title(f"certiprune: {verdict} (ε = {result['epsilon']:g}, δ = {result['delta']:g})")
-    if cut:
+    ax.set_ylabel(RISK_LABELS.get(plot["risk"], plot["risk"]))
+    verdict = f"certified {plot['certified_sparsity']:.0%} sparsity" if plot["certified"] else "nothing certified"
+    ax.set_title(f"certiprune: {verdict} (ε = {eps:g}, δ = {_num(result.get('delta')) or 0:g})")
+    if plot["cut"]:
         ax.annotate(f"values above {high:.3g} are cut off", xy=(0.99, 0.02), xycoords="axes fraction",
                     ha="right", fontsize=7, color="grey")
     ax.grid(alpha=0.3)
@@ -149,4 +212,5 @@ def plot_risk_curve(result: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["format_summary", "plot_risk_curve", "risk_curve_figure"]
+__all__ = ["evaluated_levels", "format_summary", "plot_ranges", "plot_risk_curve", "risk_curve_figure",
+           "risk_plot_data"]

@@ -18,6 +18,7 @@ from .routes import datasets, health, jobs, pages
 from .settings import Settings
 from .storage import Storage
 from .store import JobStore
+from .web import STATIC_URL, static_files
 
 log = logging.getLogger("certiprune.api")
 
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(pages.router)
+    app.mount(STATIC_URL, static_files(), name="static")  # the pages' CSS and JS (service/static)
     return app
 
 

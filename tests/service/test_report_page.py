@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -169,17 +170,127 @@ def get(tmp_path: Path):
     return lambda path: asyncio.run(fetch(path))
 
 
-@pytest.mark.parametrize("path", ["/?key=s3cret-key-value", "/jobs/job_0123?key=s3cret-key-value"])
-def test_pages_admit_only_their_own_script_and_never_echo_the_query(get, path: str) -> None:
+@pytest.mark.parametrize("path, scripts", [("/?key=s3cret-key-value", ["common.js", "jobs.js"]),
+                                           ("/jobs/job_0123?key=s3cret-key-value", ["common.js", "report_viewer.js"])])
+def test_pages_admit_only_their_own_scripts_and_never_echo_the_query(get, path: str, scripts: list[str]) -> None:
     r = get(path)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "s3cret" not in r.text and "job_0123" not in r.text  # static: nothing from the request
-    (script,) = re.findall(r"<script>(.*?)</script>", r.text, re.DOTALL)
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert re.findall(r"<script>", r.text) == []  # no inline script: the policy admits none
+    tags = re.findall(r'<script src="/static/([a-z_]+\.js)" integrity="(sha384-[A-Za-z0-9+/=]+)"></script>', r.text)
+    assert [name for name, _ in tags] == scripts and r.text.count("<script") == len(scripts)
     csp = r.headers["content-security-policy"]
-    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "script-src 'self';" in csp and "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
     assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY"
-    assert "innerHTML" not in script and "document.write" not in script  # data goes in as text only
+    for name, integrity in tags:
+        script = get(f"/static/{name}")
+        assert script.status_code == 200
+        digest = base64.b64encode(hashlib.sha384(script.content).digest()).decode()
+        assert integrity == f"sha384-{digest}"  # the integrity attribute matches what is served
+        assert "innerHTML" not in script.text and "document.write" not in script.text  # data goes in as text only
+
+
+@pytest.mark.parametrize("path", ["/", "/jobs/job_1"])
+def test_pages_link_only_same_origin_styles(get, path: str) -> None:
+    r = get(path)
+    links = re.findall(r'<link rel="stylesheet" href="([^"]+)">', r.text)
+    assert links == ["/static/base.css", "/static/pages.css"]
+    assert "<style" not in r.text and "style=" not in r.text  # the jobs page's style-src is 'self' alone
+    assert "style-src 'self';" in get("/").headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("name, media", [("base.css", "text/css"), ("pages.css", "text/css"),
+                                         ("report.css", "text/css"), ("common.js", "javascript"),
+                                         ("jobs.js", "javascript"), ("report_viewer.js", "javascript")])
+def test_static_files_are_served_with_their_content_type(get, name: str, media: str) -> None:
+    r = get(f"/static/{name}")
+    assert r.status_code == 200 and r.text
+    ctype = r.headers["content-type"]
+    assert ctype.startswith("text/css") if media == "text/css" else ctype.split(";")[0] in (
+        "text/javascript", "application/javascript")
+    assert r.headers["x-content-type-options"] == "nosniff"  # never sniffed into something else
+
+
+@pytest.mark.parametrize("path", ["/static/missing.js", "/static/../app.py", "/static/%2e%2e/app.py",
+                                  "/static/../templates/base.html"])
+def test_static_serves_nothing_outside_its_folder(get, path: str) -> None:
+    r = get(path)
+    assert r.status_code == 404 and "create_app" not in r.text and "{%" not in r.text
+
+
+HOSTILE_STRINGS = ('<script>alert("x")</script>', '"><img src=x onerror=alert(1)>', "'><svg onload=alert(2)>")
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_STRINGS)
+def test_hostile_strings_are_escaped_in_every_field_the_report_shows(hostile: str) -> None:
+    """Every string the report shows from a job — its id, the guarantee, criteria, layers, settings values,
+    the reconstruction's reason — is escaped, in the text, in attributes and in the SVG."""
+    result = make_result(guarantee=hostile, criterion=hostile, procedure=hostile, scope=hostile, pattern=hostile,
+                         device=hostile, precision=hostile, bound=hostile, risk=hostile, artifact_sha256=hostile,
+                         bn_recalibration=hostile,
+                         reconstruction={"layers": [], "skipped": {}, "unavailable": hostile},
+                         layers=[{"name": hostile, "type": hostile, "parameters": 1, "zeroed": 0, "sparsity": 0.0}])
+    for crit in result["criteria"]:
+        crit["criterion"] = hostile
+    page = render_report(hostile, result)
+    lowered = page.lower()
+    assert "<script" not in lowered and "<img" not in lowered and "<svg onload" not in lowered
+    assert hostile not in page  # nowhere raw: neither as markup nor closing an attribute
+    assert page.count(html.escape(hostile, quote=True)) >= 10  # but shown, escaped, in each field
+    svg_of(page)  # still well-formed XML
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_STRINGS)
+def test_hostile_addresses_are_not_echoed_by_the_pages(get, hostile: str) -> None:
+    from urllib.parse import quote
+
+    for path in (f"/jobs/{quote(hostile, safe='')}", f"/?key={quote(hostile, safe='')}&x={quote(hostile)}"):
+        r = get(path)
+        if r.status_code == 404:  # a "/" inside the id leaves the route: a JSON error, never a page
+            assert r.headers["content-type"].startswith("application/json")
+            continue
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "alert" not in r.text and "onerror" not in r.text and "onload" not in r.text
+
+
+def test_templates_and_static_files_are_package_data() -> None:
+    """Every file the pages need is covered by pyproject's package-data, so a wheel or ``pip install -e .``
+    carries them, and is found next to the package (not relative to the working directory)."""
+    import fnmatch
+    import tomllib
+
+    import service
+    from service.web import STATIC_DIR, TEMPLATES_DIR
+
+    root = Path(service.__file__).resolve().parent
+    assert STATIC_DIR == root / "static" and TEMPLATES_DIR == root / "templates"
+    globs = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    files = [f for d in (STATIC_DIR, TEMPLATES_DIR) for f in d.rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"base.html", "report.html", "risk_plot.svg", "jobs.html", "report_viewer.html",
+                                       "base.css", "report.css", "pages.css", "common.js", "jobs.js",
+                                       "report_viewer.js"}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
+
+
+def test_the_page_plot_and_the_png_share_one_plot_description() -> None:
+    """The SVG and calibration.report's matplotlib figure draw the same risk_plot_data: same series and colours,
+    same y range, the same λ̂."""
+    from calibration.report import risk_curve_figure, risk_plot_data
+
+    result = make_result()
+    data = risk_plot_data(result)
+    svg = svg_of(render_report("job_1", result))
+    risk = svg.findall(f".//{SVG}polyline[@class='risk']")
+    assert [(p.get("data-criterion"), p.get("stroke")) for p in risk] == [
+        (s["criterion"], s["colour"]) for s in data["series"]]
+    ax = risk_curve_figure(result).axes[0]
+    assert ax.get_ylim() == pytest.approx(data["y_range"]) and ax.get_xlim() == pytest.approx(data["x_range"])
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["magnitude: empirical risk"].get_color() == data["series"][0]["colour"]
+    assert set(lines["certified λ̂ = 20% (magnitude)"].get_xdata()) == {data["certified_sparsity"]}
 
 
 def test_reconstruction_is_described_and_its_fallback_explained() -> None:
