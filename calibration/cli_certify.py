@@ -33,7 +33,8 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                                 "(Learn then Test) and write the pruned model.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="TorchScript archive (torch.jit.save)")
-    p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x and optional y")
+    p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x (or one array per forward "
+                   "argument, named after it) and optional y")
     p.add_argument("--out", required=True, help="where to write the pruned TorchScript model")
     p.add_argument("--report", help="write the result JSON here (and a PNG plot beside it)")
     p.add_argument("--uncertainty", help="safetensors of per-parameter training statistics (criterion mu)")
@@ -63,10 +64,18 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                    help="keep the dense model's BatchNorm statistics (default: re-estimate them on D_tune)")
     p.add_argument("--exclude-first-last", action="store_true",
                    help="never prune the first and the last prunable layer")
+    p.add_argument("--prune-include", nargs="+", metavar="PATTERN",
+                   help="prune only the weights whose parameter name matches one of these glob patterns "
+                        "(e.g. 'encoder.*'); can opt in an embedding (default: every weight that multiplies an input)")
+    p.add_argument("--prune-exclude", nargs="+", metavar="PATTERN",
+                   help="never prune the weights whose parameter name matches one of these glob patterns")
     p.add_argument("--reconstruct", action="store_true",
                    help="re-fit the kept weights of each layer on D_tune after masking (Optimal Brain Surgeon)")
     p.add_argument("--pattern", choices=PATTERNS,
                    help="semi-structured sparsity: the levels are which layers are made 2:4 (no --sparsities)")
+    p.add_argument("--output", metavar="INDEX_OR_KEY",
+                   help="which entry of a tuple/list (an index) or dict (a key) output is the logits "
+                        "(default: the first tensor, or the dict's 'logits')")
     p.add_argument("--config", help="JSON object with any config fields (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -88,12 +97,19 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["full_curve"] = True
     if args.exclude_first_last:
         cfg["exclude_first_last"] = True
+    if args.prune_include:
+        cfg["prune_include"] = list(args.prune_include)
+    if args.prune_exclude:
+        cfg["prune_exclude"] = list(args.prune_exclude)
     if args.reconstruct:
         cfg["reconstruct"] = True
     if args.pattern:
         cfg["pattern"] = args.pattern
     if args.no_bn_recalibration:
         cfg["bn_recalibration"] = False
+    if args.output is not None:
+        text = args.output.strip()
+        cfg["output"] = int(text) if text.lstrip("-").isdigit() else text
     return cfg
 
 

@@ -47,6 +47,8 @@ class CertifyConfig:
     device: str = "auto"
     precision: str = "fp32"
     exclude_first_last: bool = False
+    prune_include: tuple[str, ...] | None = None  # glob patterns over parameter names: only these (calibration.discovery)
+    prune_exclude: tuple[str, ...] = ()  # glob patterns over parameter names: never these
     bn_recalibration: bool | None = None  # None: on when the model has BatchNorm
     full_curve: bool = False  # evaluate every level, also after testing stopped
     mu_steps: int = 64  # re-created trajectory length for mu without uploaded statistics
@@ -71,6 +73,8 @@ class CertifyConfig:
         d = asdict(self)
         d["criterion"] = list(self.criterion)
         d["sparsities"] = list(self.sparsities)
+        d["prune_include"] = None if self.prune_include is None else list(self.prune_include)
+        d["prune_exclude"] = list(self.prune_exclude)
         return d
 
 
@@ -138,6 +142,19 @@ def _sparsities(value: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
+def _name_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Glob patterns over parameter names (``fnmatch``: ``*``, ``?``, ``[seq]``), e.g. ``["*.attn.*", "fc.weight"]``."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or len(items) > 1000:
+        raise _fail(name, "a list of at most 1000 glob patterns over parameter names (e.g. [\"encoder.*.weight\"])",
+                    value)
+    for item in items:
+        if not isinstance(item, str) or not item.strip() or len(item) > 500:
+            raise _fail(name, "a list of non-empty glob patterns (strings of at most 500 characters)", value,
+                        f"Offending entry: {item!r}.")
+    return tuple(items)
+
+
 def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig:
     """Turn user input (a JSON object) into a CertifyConfig, or raise ConfigError naming the field."""
     if raw is None:
@@ -190,6 +207,16 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
             kw[key] = value
         elif key == "bn_recalibration":
             kw[key] = _bool_or_none(key, value)
+        elif key == "prune_include":
+            if value is None:
+                kw[key] = None
+            else:
+                kw[key] = _name_patterns(key, value)
+                if not kw[key]:
+                    raise _fail(key, "null or a non-empty list of glob patterns", value,
+                                "An empty list would leave nothing to prune; use null for the default weights.")
+        elif key == "prune_exclude":
+            kw[key] = () if value is None else _name_patterns(key, value)
         elif key == "mu_steps":
             kw[key] = _int(key, value, 2, 100_000)
         elif key == "mu_lr":

@@ -26,7 +26,7 @@ from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
 from .errors import CancelledError, ConfigError, ModelError, exception_summary
 from .fast_eval import Predictor, effective_precision
 from .masks import NestedMasks, apply_masks, restore
-from .model import batchnorm_modules, find_prunable, load_model, resolve_device, save_model
+from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
 from .planning import samples_needed
@@ -156,14 +156,21 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
             "data, a larger ε or a finer grid at low sparsity may help.")
 
 
-def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool, precision: str,
-                  channels_last: bool, on_cuda: bool = False) -> str:
+def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool | tuple[int, int], precision: str,
+                  channels_last: bool, on_cuda: bool = False, candidates: dict[str, Any] | None = None) -> str:
     """How the candidates were made and run, for the guarantee sentence (reduced precision: the certificate is
     for the model run that way, and there the memory layout changes the rounding too)."""
     parts = [f"{criterion} scores, {cfg.scope} scope"]
+    if candidates is not None:  # what the sparsity is a fraction of
+        parts.append(f"candidates: {candidates['count']} of the model's {candidates['of_count']} weight matrices, "
+                     f"{candidates['fraction_params']:.1%} of their parameters")
     if cfg.pattern:
         parts.append(f"{cfg.pattern} semi-structured pattern")
-    if reconstructed:
+    if isinstance(reconstructed, tuple):  # (layers reconstructed, candidate layers)
+        if reconstructed[0]:
+            parts.append(f"weights of {reconstructed[0]} of {reconstructed[1]} candidate layers reconstructed "
+                         "on the tuning split")
+    elif reconstructed:
         parts.append("weights reconstructed on the tuning split")
     if precision != "fp32" or on_cuda:
         # On CUDA the layout changes which kernels run (and, below fp32, the rounding): name it always.
@@ -254,7 +261,9 @@ def certify(
     _labels_needed(risk, data)
     device = resolve_device(cfg.device)
     module = load_model(model, device)
-    weights = find_prunable(module, exclude_first_last=cfg.exclude_first_last)
+    discovery = discover_prunable(module, exclude_first_last=cfg.exclude_first_last, include=cfg.prune_include,
+                                  exclude=cfg.prune_exclude)
+    weights = discovery.weights
     has_bn = bool(batchnorm_modules(module))
     use_bn = has_bn and (cfg.bn_recalibration if cfg.bn_recalibration is not None else True)
     tune_fraction = cfg.resolved_tune_fraction(has_bn)
@@ -327,7 +336,9 @@ def certify(
             scores = get_criterion(name)(ctx)
             restore(params, originals)  # a criterion must leave the weights as it found them
             masks_by_criterion[name] = (NestedMasks.from_scores(scores, cfg.scope) if cfg.pattern is None else
-                                        PatternMasks.from_scores(scores, cfg.scope, [w.module_type for w in weights]))
+                                        PatternMasks.from_scores(scores, cfg.scope, [
+                                            "ConvTranspose" if w.kind == "conv_transpose" else w.module_type
+                                            for w in weights]))
             del scores
         run.timings["scoring_s"] = time.perf_counter() - t
         # Weight reconstruction: per-layer input statistics of the dense model on D_tune only.
@@ -464,6 +475,7 @@ def certify(
         "dense_accuracy": dense_accuracy,
         "pruned_accuracy": pruned_accuracy,
         "prunable_parameters": prunable,
+        "prunable_weights": discovery.summary(),  # candidates vs all weight matrices (calibration.discovery)
         "zeroed_parameters": int(sum(zeroed_per_layer)),
         "total_parameters": int(sum(p.numel() for p in module.parameters())),
         "levels": best["levels"],
@@ -485,7 +497,9 @@ def certify(
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
                                         criterion=_method_label(
                                             best["criterion"], cfg,
-                                            reconstructed=bool(reconstructor and reconstructor.hessians),
+                                            reconstructed=((len(reconstructor.hessians), len(weights))
+                                                           if reconstructor is not None else False),
+                                            candidates=discovery.summary(),
                                             precision=precision, channels_last=bool(predictor.channels_last),
                                             on_cuda=device.type == "cuda")),
         "artifact_sha256": None,

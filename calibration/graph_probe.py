@@ -5,8 +5,9 @@ and follow each ``prim::GetAttr`` chain from ``self`` to its dotted name (``feat
 the names of :func:`calibration.model.find_prunable`). A node that consumes a prunable weight —
 ``aten::linear``, ``aten::conv1d/2d/3d``, ``aten::_convolution`` / ``aten::convolution`` /
 ``aten::_convolution_mode`` (traced ``padding='same'``), the
-``conv_transpose`` ops, or ``aten::t`` feeding ``mm``/``matmul``/``addmm`` (old exports of Linear)
-— has its input value (and its stride/padding/dilation/groups arguments) registered as extra
+``conv_transpose`` ops, ``aten::t`` feeding ``mm``/``matmul``/``addmm`` (old exports of Linear), or a
+weight used directly as the right operand of ``mm``/``matmul``/``addmm`` (x @ W, W of shape (in, out):
+Hugging Face ``Conv1D``; kind ``linear_t``) — has its input value (and its stride/padding/dilation/groups arguments) registered as extra
 graph outputs; ``torch._C._create_function_from_graph`` turns the graph into a function called
 with the module's C++ object, so it reads the *live* weights, exactly like ``module(x)``.
 
@@ -38,8 +39,8 @@ _HINT = "reconstruction needs layer inputs; this graph could not be probed: "
 class LayerCall:
     """One call of a prunable layer in the graph; ``slots`` index the probe's output tuple.
 
-    ``kind``: ``linear`` (input (*, in_features)), ``conv`` (input (N, C, *spatial)) or
-    ``conv_transpose``. ``slots`` holds ``input`` and, for convolutions, ``stride``,
+    ``kind``: ``linear`` (input (*, in_features)), ``linear_t`` (the same input, weight (in, out)),
+    ``conv`` (input (N, C, *spatial)) or ``conv_transpose``. ``slots`` holds ``input`` and, for convolutions, ``stride``,
     ``padding``, ``dilation``, ``groups`` (and ``transposed`` for the generic op).
     """
 
@@ -168,6 +169,8 @@ class GraphProbe:
             producer = wt.node()
             if producer.kind() == "aten::t" and name_of(producer.input()):
                 return name_of(producer.input()), "linear", {"input": x}
+            if name_of(wt):  # x @ W with W (in, out): Hugging Face Conv1D's addmm(b, x, W)
+                return name_of(wt), "linear_t", {"input": x}
         return None
 
     @torch.no_grad()

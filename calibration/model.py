@@ -10,7 +10,6 @@ import contextlib
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,26 +17,13 @@ import torch
 
 from .errors import ModelError, exception_summary
 from .archive import check_archive
+from .discovery import Discovery, PrunableWeight, batchnorm_modules, discover
 
-#: Module types whose ``weight`` is prunable (SPEC §2). Names are TorchScript ``original_name``s.
+#: Kept for callers that print the common types; discovery itself goes by what a weight does (discovery.py).
 PRUNABLE_TYPES = frozenset(
     {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"}
 )
 BATCHNORM_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
-
-
-@dataclass(frozen=True)
-class PrunableWeight:
-    """One prunable weight tensor: ``name`` is the parameter name (``features.0.weight``)."""
-
-    name: str
-    module_path: str
-    module_type: str
-    param: torch.nn.Parameter
-
-    @property
-    def numel(self) -> int:
-        return self.param.numel()
 
 
 def _module_type(module: torch.nn.Module) -> str:
@@ -80,31 +66,29 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     return module
 
 
-def find_prunable(module: torch.nn.Module, *, exclude_first_last: bool = False) -> list[PrunableWeight]:
-    """Weights of Conv*/ConvTranspose*/Linear modules, in module order (biases never)."""
-    found: list[PrunableWeight] = []
-    for path, sub in module.named_modules():
-        mtype = _module_type(sub)
-        if mtype not in PRUNABLE_TYPES:
-            continue
-        weight = getattr(sub, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-            continue
-        name = f"{path}.weight" if path else "weight"
-        found.append(PrunableWeight(name=name, module_path=path, module_type=mtype, param=weight))
-    if exclude_first_last and len(found) > 2:
-        found = found[1:-1]
-    if not found:
+def find_prunable(module: torch.nn.Module, *, exclude_first_last: bool = False,
+                  include: list[str] | tuple[str, ...] | None = None,
+                  exclude: list[str] | tuple[str, ...] = ()) -> list[PrunableWeight]:
+    """The candidate weights, in module order (SPEC §2; rules in :mod:`calibration.discovery`)."""
+    return discover_prunable(module, exclude_first_last=exclude_first_last, include=include,
+                             exclude=exclude).weights
+
+
+def discover_prunable(module: torch.nn.Module, *, exclude_first_last: bool = False,
+                      include: list[str] | tuple[str, ...] | None = None,
+                      exclude: list[str] | tuple[str, ...] = ()) -> Discovery:
+    """:func:`calibration.discovery.discover`, refusing a model with no candidate."""
+    found = discover(module, exclude_first_last=exclude_first_last, include=include, exclude=exclude)
+    if not found.weights:
+        why = "; ".join(f"{k}: {v}" for k, v in list(found.not_candidates.items())[:8])
         raise ModelError(
-            "The model has no prunable weights (Conv*, ConvTranspose*, Linear modules with a weight "
-            "of two or more dimensions)" + (" besides the first and last layer" if exclude_first_last else "") + ".",
+            "The model has no prunable weights (weights of linear maps, convolutions, matrix products or RNNs, "
+            "of two or more dimensions, that are not embeddings)"
+            + (" besides the first and last layer" if exclude_first_last else "")
+            + (f". Not candidates: {why}" if why else "") + ".",
             code="model_no_prunable_weights",
         )
     return found
-
-
-def batchnorm_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for _, m in module.named_modules() if _module_type(m) in BATCHNORM_TYPES]
 
 
 def is_traced(module: torch.nn.Module) -> bool:
@@ -140,9 +124,11 @@ def resolve_device(requested: str) -> torch.device:
 
 
 __all__ = [
+    "Discovery",
     "PrunableWeight",
     "batchnorm_modules",
     "check_archive",
+    "discover_prunable",
     "find_prunable",
     "is_traced",
     "load_model",

@@ -85,14 +85,14 @@ def patches(layer: LayerInput, kernel: tuple[int, ...]) -> torch.Tensor:
 
 def layer_rows(layer: LayerInput, weight_shape: torch.Size) -> torch.Tensor:
     """The layer's input as rows of X, shape (n_rows, groups · d) with d the width of one weight row."""
-    if layer.kind == "linear":
+    if layer.kind in ("linear", "linear_t"):
         return layer.x.reshape(-1, layer.x.shape[-1])
     return patches(layer, tuple(weight_shape[2:]))
 
 
 def layer_row_chunks(layer: LayerInput, weight_shape: torch.Size) -> Iterator[torch.Tensor]:
     """:func:`layer_rows` in pieces of at most ~``_CHUNK_ELEMENTS`` numbers (im2col of big images is huge)."""
-    if layer.kind == "linear":
+    if layer.kind in ("linear", "linear_t"):
         rows = layer_rows(layer, weight_shape)
         step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
         yield from rows.split(step)
@@ -218,6 +218,7 @@ class Reconstructor:
     damp: float = DAMP
     solvers: dict[int, str] = field(default_factory=dict)  # layer index → "exact" | "obs"
     unavailable: str | None = None
+    transposed: set[int] = field(default_factory=set)  # layers stored (in, out), used as x @ W (HF Conv1D)
     _hinv: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -241,6 +242,8 @@ class Reconstructor:
         skipped = dict(probe.unprobed)
         index = {w.name: i for i, w in enumerate(weights)}
         sums: dict[int, torch.Tensor] = {}
+        transposed: set[int] = set()
+        kinds: dict[int, set[str]] = {}
         # All probed layer inputs of a batch are alive at once: cut the batch so they fit in _PROBE_BYTES.
         _, one = probe(x_tune[:1])
         per_sample = sum(c.x.numel() * c.x.element_size() for calls in one.values() for c in calls)
@@ -254,18 +257,39 @@ class Reconstructor:
                     if call.kind == "conv_transpose":
                         skipped[name] = "transposed convolutions are masked, not reconstructed"
                         break
+                    kinds.setdefault(i, set()).add(call.kind)
+                    if call.kind == "linear_t":
+                        transposed.add(i)
                     groups = call.groups if call.kind == "conv" else 1
                     for rows in layer_row_chunks(call, shape):
                         sums[i] = accumulate_hessian(sums.get(i), rows, groups)
+        for i, ks in kinds.items():
+            if "linear_t" in ks and len(ks) > 1:
+                skipped[weights[i].name] = "used both as x @ W and as a linear layer's weight: masked only"
+        for w in weights:
+            if w.kind == "rnn":
+                skipped[w.name] = ("an RNN weight: its inputs at every time step stay inside the fused RNN op, "
+                                   "which cannot be probed; masked, not reconstructed")
+            elif w.tied:  # its inputs at the other names' uses are not in H: masked only
+                skipped[w.name] = (f"tied to {', '.join(w.tied)}: one tensor used in several places, "
+                                   "masked, not reconstructed")
+            elif w.name not in skipped and index[w.name] not in sums:
+                skipped[w.name] = f"a {w.kind} weight: only linear and convolution layers are reconstructed"
         hessians = {i: damped(h, damp) for i, h in sums.items() if weights[i].name not in skipped}
-        solvers = {i: choose_solver(method, weights[i].param.shape[0] // h.shape[0], h.shape[-1], h.device)
+        solvers = {i: choose_solver(method, weights[i].param.numel() // h.shape[0] // h.shape[-1], h.shape[-1],
+                                    h.device)
                    for i, h in hessians.items()}
         return cls(hessians=hessians, skipped=skipped, method=method, n_tune=int(x_tune.shape[0]), damp=damp,
-                   solvers=solvers)
+                   solvers=solvers, transposed=transposed & set(hessians))
 
     @torch.no_grad()
     def reconstruct(self, i: int, original: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Reconstructed weight of layer ``i`` (same shape and dtype as ``original``), zero where ~keep."""
+        if i in self.transposed:  # W (in, out) used as x @ W: its rows are the columns of Wᵀ
+            return self._reconstruct(i, original.t(), keep.t()).t()
+        return self._reconstruct(i, original, keep)
+
+    def _reconstruct(self, i: int, original: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         h = self.hessians[i]
         groups, d = h.shape[0], h.shape[1]
         w = original.reshape(groups, -1, d).to(h.dtype)  # output rows are grouped contiguously
@@ -299,6 +323,11 @@ class Reconstructor:
             "solver": {weights[i].name: self.solvers[i] for i in sorted(self.hessians)},
             "skipped": dict(sorted(self.skipped.items())),
             "unavailable": self.unavailable,
+            # How many of the candidate layers were really reconstructed, and why the others were not.
+            "reconstructed_layers": len(self.hessians),
+            "of_layers": len(weights),
+            "not_reconstructed": {w.name: self.skipped.get(w.name, "not probed")
+                                  for i, w in enumerate(weights) if i not in self.hessians},
         }
 
 
