@@ -57,7 +57,7 @@ _PASS = frozenset({
     "aten::unbind", "aten::contiguous", "aten::to", "aten::type_as", "aten::detach", "aten::clone",
     "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::unflatten",
     "aten::float", "aten::half", "aten::bfloat16", "aten::__getitem__", "aten::movedim", "aten::swapaxes",
-    "aten::contiguous", "prim::unchecked_cast", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct",
+    "prim::unchecked_cast", "prim::ListConstruct", "prim::ListUnpack", "prim::TupleConstruct",
     "prim::TupleUnpack", "prim::TupleIndex", "prim::ConstantChunk",
 })
 #: op → input positions that are the weight of a linear map.
@@ -377,8 +377,9 @@ def discover(module: torch.nn.Module, *, exclude_first_last: bool = False,
             not_candidates[name] = reason
             continue
         if looked_up:
-            reason = ("an embedding (looked up by index)" if len(names) == 1 else
-                      f"an embedding (looked up by index), tied to {', '.join(names[1:])}: pruned together or not at all")
+            reason = "an embedding (looked up by index)"
+            if len(names) > 1:
+                reason += f", tied to {', '.join(names[1:])}: pruned together or not at all"
             use = "embedding"
         elif not group_uses:
             reason = "not used as the weight of a linear map, convolution, matrix product or RNN"

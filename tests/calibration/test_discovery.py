@@ -216,6 +216,40 @@ def test_bare_multihead_attention(how):
     assert _names(module) == ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
 
 
+class FastPathAttention(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("model,shape,fused,expected", [
+    (FastPathAttention, (5, 8), "aten::_native_multi_head_attention",
+     ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]),
+    (EncoderClassifier, (5, 16), "aten::_transformer_encoder_layer_fwd", ENCODER_WEIGHTS),
+])
+def test_fused_attention_fast_paths_traced_under_no_grad(model, shape, fused, expected):
+    """Traced in eval mode without grad, torch records its fused kernels: the weights are their arguments."""
+    torch.manual_seed(0)
+    x = torch.randn(3, *shape)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model().eval(), (x,), check_trace=False)
+    assert fused in {n.kind() for n in traced.inlined_graph.nodes()}
+    module = _roundtrip(traced)
+    weights = find_prunable(module)
+    assert [w.name for w in weights] == expected
+    dense = module(x)
+    params = [w.param for w in weights]
+    apply_masks(params, [p.detach().clone() for p in params],
+                NestedMasks.from_scores([p.abs() for p in params]).keep_masks(0.5))
+    assert not torch.allclose(module(x), dense)
+
+
 @BOTH
 def test_lstm_text_classifier_weights_found_embedding_kept(how):
     module = _export(LSTMTextClassifier(), (torch.randint(0, 50, (2, 7)),), how)
