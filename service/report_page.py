@@ -231,6 +231,7 @@ def _model_rows(result: dict[str, Any], model_bytes: int | None) -> list[tuple[s
         ("accuracy of the original model", _pct(result.get("dense_accuracy"))),
         ("accuracy of the pruned model", _pct(result.get("pruned_accuracy"))),
         ("prunable parameters", _int(result.get("prunable_parameters"))),
+        ("candidate weight matrices", _candidates(result.get("prunable_weights"))),
         ("zeroed parameters", _int(result.get("zeroed_parameters"))),
         ("all parameters of the model", _int(result.get("total_parameters"))),
         ("uploaded model file", human_bytes(model_bytes) if model_bytes is not None else None),
@@ -241,6 +242,13 @@ def _model_rows(result: dict[str, Any], model_bytes: int | None) -> list[tuple[s
 
 SETTINGS_KEYS = ("risk", "epsilon", "delta", "bound", "procedure", "criterion", "scope", "pattern", "n_calibration",
                  "n_tune", "seed", "bn_recalibration", "device", "precision", "levels_evaluated")
+
+
+def _candidates(pw: Any) -> str | None:
+    """How many of the model's weight matrices were candidates (``result.prunable_weights``)."""
+    if not isinstance(pw, dict) or not all(isinstance(pw.get(k), int) for k in ("count", "of_count", "of_params")):
+        return None
+    return f"{pw['count']} of {pw['of_count']} ({_int(pw.get('params'))} of {_int(pw['of_params'])} parameters)"
 
 
 def _settings_rows(result: dict[str, Any]) -> list[tuple[str, str]]:

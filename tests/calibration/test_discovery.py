@@ -479,3 +479,18 @@ def test_certify_end_to_end_counts_every_candidate(model, shape, how, expected, 
     zeros, total = _zeros(pruned)
     assert total == r["prunable_parameters"]
     assert zeros == r["zeroed_parameters"] == int(np.floor(r["certified_sparsity"] * total + 0.5))
+
+
+def test_report_page_and_summary_show_the_candidate_fraction():
+    from calibration.report import format_summary
+    from service.report_page import _model_rows
+
+    pw = {"count": 5, "params": 1200, "of_count": 6, "of_params": 1600, "fraction_count": 5 / 6,
+          "fraction_params": 0.75, "names": [], "not_candidates": {}, "tied": {}, "method": "graph"}
+    rows = dict(_model_rows({"prunable_weights": pw}, None))
+    assert rows["candidate weight matrices"] == "5 of 6 (1,200 of 1,600 parameters)"
+    result = {"guarantee": "…", "certified_sparsity": 0.1, "certified": True, "criterion": "magnitude",
+              "risk": "disagreement", "epsilon": 0.1, "delta": 0.1, "bound": "binomial", "procedure": "fixed_sequence",
+              "n_calibration": 10, "n_tune": 0, "zeroed_parameters": 120, "prunable_parameters": 1200, "levels": [],
+              "prunable_weights": pw}
+    assert "candidate weights  : 5 of 6 weight matrices (1,200 of 1,600 parameters, 75.0%)" in format_summary(result)
