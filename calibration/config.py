@@ -18,7 +18,9 @@ SCOPES = ("global", "layerwise")
 RISKS = ("accuracy_drop", "disagreement", "error_rate")
 LABELLED_RISKS = ("accuracy_drop", "error_rate")
 BOUNDS = ("auto", "binomial", "hb", "wsr", "paired_exact")
-PROCEDURES = ("fixed_sequence", "bonferroni")
+PROCEDURES = ("fixed_sequence", "bonferroni", "planned")
+#: D_tune share when only the planned procedure needs it (magnitude without BN): planning needs few samples
+PLANNING_TUNE_FRACTION = 0.1
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 PATTERNS = ("2:4",)  # semi-structured patterns (calibration.patterns)
@@ -67,7 +69,9 @@ class CertifyConfig:
     def resolved_tune_fraction(self, has_batchnorm: bool) -> float:
         if self.tune_fraction is not None:
             return self.tune_fraction
-        return 0.25 if self.needs_tune_data(has_batchnorm) else 0.0
+        if self.needs_tune_data(has_batchnorm):
+            return 0.25
+        return PLANNING_TUNE_FRACTION if self.procedure == "planned" else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -29,6 +29,7 @@ from .masks import NestedMasks, apply_masks, restore
 from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
+from .planned_sequence import PlannedSequence, plan_sequence, predict_pass
 from .planning import samples_needed
 from .procedures import get_procedure, split_delta
 from .reconstruct import Reconstructor
@@ -270,9 +271,10 @@ def certify(
     split = split_tune_cal(data.n, tune_fraction, cfg.seed)
     if split.tune.size == 0:
         data_criteria = [c for c in cfg.criterion if c == "obd" or (c == "mu" and uncertainty is None)]
-        if data_criteria or (use_bn and cfg.bn_recalibration) or cfg.reconstruct:
+        if data_criteria or (use_bn and cfg.bn_recalibration) or cfg.reconstruct or cfg.procedure == "planned":
             what = (f"criterion {data_criteria[0]!r}" if data_criteria
-                    else "weight reconstruction" if cfg.reconstruct else "BN re-estimation")
+                    else "weight reconstruction" if cfg.reconstruct
+                    else "planned procedure" if cfg.procedure == "planned" else "BN re-estimation")
             raise ConfigError(f"The {what} needs tuning data (D_tune) but tune_fraction is 0. "
                               "Set tune_fraction > 0 (e.g. 0.25).", code="tune_data_required")
         use_bn = False
@@ -311,6 +313,8 @@ def certify(
         check_labels(data.y, n_classes)
         y_cal = data.y[split.cal] if data.y is not None else None
         y_tune = torch.from_numpy(data.y[split.tune]).to(device) if data.y is not None else dense_tune
+        dense_tune_np = dense_tune.cpu().numpy()
+        y_tune_np = data.y[split.tune] if data.y is not None else None
         dense_cal_np = dense_cal.cpu().numpy()
         dense_accuracy = float(np.mean(dense_cal_np == y_cal)) if y_cal is not None else None
         run.timings["dense_s"] = time.perf_counter() - t
@@ -372,6 +376,22 @@ def certify(
         def bn_forward(xb: torch.Tensor) -> Any:
             return predictor.forward(xb, bn_train_forward)
 
+        def build_candidate(masks: Any, name: str, j: int, sparsity: float) -> None:
+            """Make the module level j's candidate in place: masks, reconstruction, BN re-estimation (D_tune)."""
+            nonlocal use_bn, bn_status
+            keep = masks.keep_masks(sparsity)
+            apply_masks(params, originals, keep)
+            if reconstructor is not None:
+                reconstructor.apply(params, originals, keep)
+            if use_bn:
+                ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
+                if ok:
+                    tested_bn[(name, j)] = batchnorm.snapshot(module)
+                else:
+                    use_bn, bn_status = False, "unavailable_traced_graph"
+                    batchnorm.load_snapshot(module, bn_dense)
+
+        tune_levels_evaluated = 0
         for ci, name in enumerate(cfg.criterion):
             masks = masks_by_criterion[name]
             grid = grids[name]
@@ -382,9 +402,27 @@ def certify(
             # The per-test level this procedure rejects at (δ_each for fixed-sequence, δ_each/K for
             # Bonferroni): fixed before D_cal is seen, it calibrates paired_exact and tunes wsr's bets.
             alpha = procedure.level_alpha(delta_each, n_levels)
+            crit_procedure, plan = procedure, None
+            if cfg.procedure == "planned":
+                # D_tune alone chooses which levels D_cal tests (calibration.planned_sequence: valid because
+                # D_tune ⫫ D_cal; the candidates and the sequence are fixed before D_cal is looked at).
+                def tune_losses(j: int) -> np.ndarray:
+                    sparsity = grid[j]
+                    if sparsity > 0.0:
+                        build_candidate(masks, name, j, sparsity)
+                    pruned_tune = predictor.predict(x_tune, should_stop).cpu().numpy()
+                    return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np)
+
+                plan = plan_sequence(n_levels, lambda j: predict_pass(bound, risk, tune_losses(j),
+                                                                       int(split.cal.size), cfg.epsilon, alpha))
+                tune_levels_evaluated += len(plan.tune_evaluated)
+                restore(params, originals)
+                batchnorm.load_snapshot(module, bn_dense)
+                crit_procedure = PlannedSequence(plan.sequence)
+            planned = None if plan is None else set(plan.sequence)
             for j, sparsity in enumerate(grid):
                 run.report("testing", ci * n_levels + j, total, f"{name}: sparsity {sparsity:.2%}")
-                if stopped and not cfg.full_curve:
+                if (stopped and not cfg.full_curve) or (planned is not None and j not in planned):
                     levels.append({"sparsity": sparsity, "empirical_risk": None, "p_value": None,
                                    "rejected": False, "evaluated": False, "upper_bound": None})
                     continue
@@ -396,17 +434,7 @@ def certify(
                     if sparsity == 0.0:  # error_rate: the dense model is tested like any level
                         pruned = dense_cal_np
                     else:
-                        keep = masks.keep_masks(sparsity)
-                        apply_masks(params, originals, keep)
-                        if reconstructor is not None:
-                            reconstructor.apply(params, originals, keep)
-                        if use_bn:
-                            ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
-                            if ok:
-                                tested_bn[(name, j)] = batchnorm.snapshot(module)
-                            else:
-                                use_bn, bn_status = False, "unavailable_traced_graph"
-                                batchnorm.load_snapshot(module, bn_dense)
+                        build_candidate(masks, name, j, sparsity)
                         pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
                         if y_cal is not None:
                             tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
@@ -422,13 +450,15 @@ def certify(
                     stopped = True
                 levels.append({"sparsity": sparsity, "empirical_risk": risk_hat, "p_value": p,
                                "rejected": False, "evaluated": True, "upper_bound": ucb})
-            rejected = procedure.rejected(p_values, delta_each)
+            rejected = crit_procedure.rejected(p_values, delta_each)
             for lvl, rej in zip(levels, rejected):
                 lvl["rejected"] = bool(rej)
-            chosen = procedure.select(rejected, np.asarray(grid))
+            chosen = crit_procedure.select(rejected, np.asarray(grid))
             certified_sparsity = float(grid[chosen]) if chosen is not None else 0.0
             per_criterion.append({"criterion": name, "delta": delta_each, "certified_sparsity": certified_sparsity,
                                   "certified": certified_sparsity > 0.0, "levels": levels})
+            if plan is not None:
+                per_criterion[-1]["plan"] = {**plan.to_dict(), "sparsities": [grid[i] for i in plan.sequence]}
             restore(params, originals)
             batchnorm.load_snapshot(module, bn_dense)
         run.timings["testing_s"] = time.perf_counter() - t
@@ -487,6 +517,7 @@ def certify(
         "precision_requested": cfg.precision,
         "evaluator": predictor.describe(),
         "levels_evaluated": evaluated_levels,
+        "levels_evaluated_tune": tune_levels_evaluated,  # planned procedure: levels D_tune evaluated to plan
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
         "more_data": more_data,
         "bound_note": _bound_note(bound, risk, cfg.epsilon),

@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .p_values import p_value
-from .procedures import Procedure
+from .procedures import PROCEDURES, Procedure
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,9 @@ class PlannedSequence(Procedure):
                 break
             last = j
         return last
+
+
+PROCEDURES[PlannedSequence.name] = PlannedSequence  # get_procedure("planned") gives one without its sequence
 
 
 __all__ = ["Plan", "PlannedSequence", "plan_sequence", "predict_pass"]

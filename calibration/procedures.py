@@ -8,6 +8,8 @@ certified level λ̂ satisfies R(λ̂) ≤ ε with probability ≥ 1 − δ.
   at the first p_j > δ. No multiplicity correction; valid for any risk curve, monotone or not,
   because the first true null met is the only one that can end the run.
 - ``bonferroni``: reject every p_j ≤ δ/K.
+- ``planned`` (``planned_sequence.py``): fixed-sequence over a short ascending sequence that D_tune
+  chose (dense where the test should stop); the levels off it are never tested on D_cal.
 
 MAPIE-style: a small base class with one abstract step (``_reject``), a string ``name`` per
 member, and ``get_procedure(name)``. Shapes: p_values (n_levels,), rejected (n_levels,) bool.
@@ -120,6 +122,8 @@ PROCEDURES: dict[str, type[Procedure]] = {cls.name: cls for cls in (FixedSequenc
 
 def get_procedure(name: str) -> Procedure:
     """The procedure called ``name``, or ConfigError naming the valid ones."""
+    from . import planned_sequence  # noqa: F401  (registers "planned"; it builds on this module)
+
     if not isinstance(name, str) or name not in PROCEDURES:
         valid = ", ".join(repr(k) for k in PROCEDURES)
         raise ConfigError(f"The 'procedure' parameter must be one of {valid}. Got {name!r}.")

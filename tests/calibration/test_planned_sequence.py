@@ -169,3 +169,56 @@ def test_planning_tests_far_fewer_levels_and_certifies_as_much_on_a_monotone_cur
 def test_plan_is_a_plain_record() -> None:
     plan = Plan(sequence=(1, 2), tune_evaluated=(3,), estimate=2)
     assert plan.to_dict() == {"sequence": [1, 2], "tune_evaluated": [3], "estimate": 2}
+
+
+# -- through the engine ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_job(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+    import torch.nn as nn
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.from_numpy(x[:800]), torch.from_numpy(y[:800])
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    d = tmp_path_factory.mktemp("planned")
+    torch.jit.script(model.eval()).save(str(d / "model.pt"))
+    return d / "model.pt", x[800:], y[800:].astype(np.int64), d
+
+
+def test_the_engine_tests_only_the_plan_and_the_plan_ignores_d_cal(digits_job) -> None:
+    from calibration import certify
+    from calibration.data import split_tune_cal
+
+    model, x, y, d = digits_job
+    np.savez(d / "a.npz", x=x, y=y)
+    config = {"procedure": "planned", "epsilon": 0.03, "seed": 3}
+    first = certify(model, d / "a.npz", config=config)
+    first = first.to_dict() if hasattr(first, "to_dict") else first
+    crit = first["criteria"][0]
+    plan = crit["plan"]
+    assert abs(first["n_tune"] - 0.1 * len(y)) <= 1  # planning's default D_tune share (magnitude, no BN)
+    evaluated = [i for i, lvl in enumerate(first["levels"]) if lvl["evaluated"]]
+    assert set(evaluated) <= set(plan["sequence"]) and first["levels_evaluated"] == len(evaluated) <= 12
+    assert first["levels_evaluated_tune"] == len(plan["tune_evaluated"]) <= 8
+    assert first["certified"], first["guarantee"]
+    assert first["certified_sparsity"] in plan["sparsities"]
+    # Change every D_cal row (inputs and labels): the plan, made from D_tune alone, stays the same.
+    split = split_tune_cal(len(y), 0.1, 3)
+    x2, y2 = x.copy(), y.copy()
+    x2[split.cal] = np.random.default_rng(1).random(x2[split.cal].shape, dtype=np.float32)
+    y2[split.cal] = (y2[split.cal] + 1) % 10
+    np.savez(d / "b.npz", x=x2, y=y2)
+    second = certify(model, d / "b.npz", config=config)
+    second = second.to_dict() if hasattr(second, "to_dict") else second
+    assert second["criteria"][0]["plan"] == plan
+    risks = lambda r: [lvl["empirical_risk"] for lvl in r["levels"] if lvl["evaluated"]]  # noqa: E731
+    assert risks(second) != risks(first)  # D_cal did change what was measured on it
