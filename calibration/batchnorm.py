@@ -69,7 +69,7 @@ def train_mode_forward(module: torch.nn.Module) -> Callable[[torch.Tensor], Any]
             fn = torch._C._create_function_from_graph("certiprune_bn_train", graph)
     except Exception:  # not a ScriptModule, or a graph torch will not copy: the module as it is
         return None
-    return lambda x: fn(module._c, x)  # type: ignore[union-attr]
+    return lambda *x: fn(module._c, *x)  # type: ignore[union-attr]
 
 
 @torch.no_grad()
@@ -82,7 +82,11 @@ def reestimate(module: torch.nn.Module, x_tune: torch.Tensor, batch_size: int,
     levels are evaluated in (and cost one batch of activations in that precision, not fp32).
     ``momentum``: the momentum ``forward`` really uses for every BN layer, when not the modules' own.
     """
-    forward = module if forward is None else forward
+    if forward is None:
+        from .inputs import call
+
+        def forward(xb: Any) -> Any:
+            return call(module, xb)
     bns = batchnorm_modules(module)
     if not bns or x_tune.shape[0] == 0:
         return False

@@ -33,7 +33,8 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                                 "(Learn then Test) and write the pruned model.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="TorchScript archive (torch.jit.save)")
-    p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x and optional y")
+    p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x (or one array per forward "
+                   "argument, named after it) and optional y")
     p.add_argument("--out", required=True, help="where to write the pruned TorchScript model")
     p.add_argument("--report", help="write the result JSON here (and a PNG plot beside it)")
     p.add_argument("--uncertainty", help="safetensors of per-parameter training statistics (criterion mu)")
@@ -72,6 +73,9 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                    help="re-fit the kept weights of each layer on D_tune after masking (Optimal Brain Surgeon)")
     p.add_argument("--pattern", choices=PATTERNS,
                    help="semi-structured sparsity: the levels are which layers are made 2:4 (no --sparsities)")
+    p.add_argument("--output", metavar="INDEX_OR_KEY",
+                   help="which entry of a tuple/list (an index) or dict (a key) output is the logits "
+                        "(default: the first tensor, or the dict's 'logits')")
     p.add_argument("--config", help="JSON object with any config fields (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -103,6 +107,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["pattern"] = args.pattern
     if args.no_bn_recalibration:
         cfg["bn_recalibration"] = False
+    if args.output is not None:
+        text = args.output.strip()
+        cfg["output"] = int(text) if text.lstrip("-").isdigit() else text
     return cfg
 
 

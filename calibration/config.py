@@ -58,6 +58,7 @@ class CertifyConfig:
     obd_samples: int = 256  # per-sample gradients averaged for the Fisher diagonal
     reconstruct: bool = False  # re-fit kept weights on D_tune after masking (calibration.reconstruct)
     pattern: str | None = None  # None: unstructured; "2:4": the grid is which layers are made 2:4
+    output: int | str | None = None  # the logits in a tuple/list (index) or dict (key) output; None: first tensor / 'logits'
 
     def resolved_risk(self, has_labels: bool) -> str:
         return self.risk or ("accuracy_drop" if has_labels else "disagreement")
@@ -229,6 +230,16 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
             kw[key] = float(value)
         elif key == "obd_samples":
             kw[key] = _int(key, value, 1, 1_000_000)
+        elif key == "output":
+            if value is None:
+                kw[key] = None
+            elif isinstance(value, int) and not isinstance(value, bool):
+                kw[key] = _int(key, value, -64, 63)
+            elif isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable():
+                kw[key] = value
+            else:
+                raise _fail(key, "null, an index into a tuple/list output (an integer), or the key of a dict "
+                            "output (a string, e.g. 'logits')", value)
         elif key == "pattern":
             kw[key] = None if value is None else _option(key, value, PATTERNS)
     if kw.get("pattern") is not None and kw.get("sparsities", default_sparsities()) != default_sparsities():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,35 @@ from .errors import DataError
 
 MAX_SAMPLES = 10_000_000
 MAX_ELEMENTS = 4 * 1024**3  # x may hold at most this many numbers (16 GiB in fp32)
+MAX_INPUTS = 16  # named input arrays (forward arguments) at most
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def _is_input_name(key: str) -> bool:
+    return key != "y" and _NAME.fullmatch(key) is not None
 
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Inputs ``x`` of shape (n_samples, *input_shape) as float32; labels ``y`` (n_samples,) int64 or None."""
+    """Inputs ``x`` of shape (n_samples, *input_shape): float32, or int64 for integer data (token ids), or bool;
+    labels ``y`` (n_samples,) int64 or None.
+
+    ``inputs``: every input array by name, in file order: ``{"x": x}`` for a single input, or arrays named
+    after the model's forward arguments (``input_ids``, ``attention_mask``, …; matched to the model by
+    ``calibration.inputs.bind_inputs``). ``x`` is then the first of them.
+    """
 
     x: np.ndarray
     y: np.ndarray | None
+    inputs: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            object.__setattr__(self, "inputs", {"x": self.x})
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs or {"x": self.x})
 
     @property
     def n(self) -> int:
@@ -76,7 +98,7 @@ def _check_npz_members(path: Path, max_inflated_bytes: int | None = None) -> Non
                     "CERTIPRUNE_MAX_UPLOAD_BYTES). Upload a smaller calibration set.", code="data_too_large")
             for info in zf.infolist():
                 key = info.filename.removesuffix(".npy")
-                if key not in ("x", "y"):
+                if key != "y" and not _is_input_name(key):
                     continue  # refused by name once the archive is read
                 with zf.open(info) as fh:
                     shape, dtype, header_len = _npy_header(fh)
@@ -112,10 +134,10 @@ def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
-            unknown = [k for k in names if k not in ("x", "y")]
+            unknown = _unknown_names(names)
             out = {}
-            for key in ("x", "y"):
-                if key in names:
+            if not unknown:
+                for key in names:
                     out[key] = archive[key]
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
@@ -131,9 +153,24 @@ def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np
         raise DataError(f"Not enough memory to load the .npz ({exc}). Upload a smaller calibration set.",
                         code="data_too_large") from exc
     if unknown:
-        raise DataError(f"Unexpected array(s) {unknown} in the .npz; only 'x' and optional 'y' are allowed.",
-                        code="data_unexpected_arrays")
+        raise DataError(f"Unexpected array(s) {unknown} in the .npz; {_ALLOWED}", code="data_unexpected_arrays")
     return out
+
+
+_ALLOWED = ("allowed are 'x' (the input) and optional 'y' (labels), or, for a model with several inputs, "
+            f"arrays named after its forward arguments (at most {MAX_INPUTS}) and optional 'y'.")
+
+
+def _unknown_names(names: list[str]) -> list[str]:
+    """Names that cannot be arrays of a calibration set: with 'x', only 'y' beside it (a single input);
+    otherwise identifiers (forward-argument names), at most MAX_INPUTS of them."""
+    if "x" in names:
+        return [k for k in names if k not in ("x", "y")]
+    bad = [k for k in names if k != "y" and not _is_input_name(k)]
+    inputs = [k for k in names if k != "y"]
+    if not bad and len(inputs) > MAX_INPUTS:
+        return inputs[MAX_INPUTS:]
+    return bad
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -144,9 +181,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, Exception) as exc:  # safetensors raises several types
         raise DataError(f"The .safetensors file could not be read: {exc}", code="data_malformed") from exc
-    unknown = [k for k in tensors if k not in ("x", "y")]
+    unknown = _unknown_names(list(tensors))
     if unknown:
-        raise DataError(f"Unexpected tensor(s) {unknown} in the .safetensors; only 'x' and optional 'y' are allowed.",
+        raise DataError(f"Unexpected tensor(s) {unknown} in the .safetensors; {_ALLOWED}",
                         code="data_unexpected_arrays")
     return tensors
 
@@ -170,26 +207,55 @@ def sniff_format(path: Path) -> str:
                     "file (tensors 'x', optional 'y').", code="data_unsupported_format")
 
 
-def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
-    """Check shapes, dtypes, finiteness and labels; return the cleaned set."""
-    if "x" not in arrays:
-        raise DataError("The data file has no array 'x' (the inputs, first axis = samples).", code="data_missing_x")
-    x = arrays["x"]
+def _validate_input(key: str, x: np.ndarray, min_ndim: int) -> np.ndarray:
+    """One input array: numeric, at least ``min_ndim`` axes, finite; float → float32, integer → int64."""
     if x.dtype == object or x.dtype.kind not in "biuf":
-        raise DataError(f"'x' must be a numeric array; got dtype {x.dtype}.", code="data_bad_dtype")
-    if x.ndim < 2:
-        raise DataError(f"'x' must have shape (n_samples, *input_shape) with at least 2 axes; got shape {list(x.shape)}.",
-                        code="data_bad_shape")
+        raise DataError(f"{key!r} must be a numeric array; got dtype {x.dtype}.", code="data_bad_dtype")
+    if x.ndim < min_ndim:
+        raise DataError(f"{key!r} must have shape (n_samples, *input_shape) with at least {min_ndim} axes; "
+                        f"got shape {list(x.shape)}.", code="data_bad_shape")
     n = x.shape[0]
     if n == 0:
-        raise DataError("The data set is empty (x has 0 samples).", code="data_empty")
+        raise DataError(f"The data set is empty ({key} has 0 samples).", code="data_empty")
     if n > MAX_SAMPLES or x.size > MAX_ELEMENTS:
-        raise DataError(f"The data set is too large: shape {list(x.shape)}.", code="data_too_large")
+        raise DataError(f"The data set is too large: {key!r} has shape {list(x.shape)}.", code="data_too_large")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(n, -1).any(axis=1).sum())
-        raise DataError(f"'x' contains NaN or infinite values in {bad} sample(s); clean or drop them.",
+        raise DataError(f"{key!r} contains NaN or infinite values in {bad} sample(s); clean or drop them.",
                         code="data_not_finite")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype.kind in "iu":  # token ids, masks: integer end to end (an embedding needs Long)
+        if x.dtype.kind == "u" and x.dtype.itemsize == 8 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+            raise DataError(f"{key!r} holds integers beyond int64.", code="data_bad_dtype")
+        return np.ascontiguousarray(x, dtype=np.int64)
+    if x.dtype.kind == "b":
+        return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
+    """Check shapes, dtypes, finiteness and labels; return the cleaned set.
+
+    Inputs: one array ``x``, or arrays named after the model's forward arguments (every name but ``y``),
+    all with the same first dimension (the samples). Floats become float32, integers int64, bools stay.
+    """
+    names = [k for k in arrays if k != "y"]
+    if not names:
+        raise DataError("The data file has no array 'x' (the inputs, first axis = samples), nor input arrays "
+                        "named after the model's forward arguments.", code="data_missing_x")
+    unknown = _unknown_names(list(arrays))
+    if unknown:
+        raise DataError(f"Unexpected array(s) {unknown}; {_ALLOWED}", code="data_unexpected_arrays")
+    inputs = {k: _validate_input(k, arrays[k], 2 if k == "x" else 1) for k in names}
+    first = names[0]
+    x = inputs[first]
+    n = x.shape[0]
+    for k in names[1:]:
+        if inputs[k].shape[0] != n:
+            raise DataError(f"Input arrays must have the same first dimension (samples): {first!r} has {n}, "
+                            f"{k!r} has {inputs[k].shape[0]}.", code="data_length_mismatch")
+    if sum(a.size for a in inputs.values()) > MAX_ELEMENTS:
+        raise DataError("The data set is too large: the inputs hold more than "
+                        f"{MAX_ELEMENTS:,} numbers together.", code="data_too_large")
     y = arrays.get("y")
     if y is not None:
         if y.dtype == object or y.dtype.kind not in "biuf":
@@ -197,7 +263,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
         if y.ndim != 1:
             raise DataError(f"'y' must have shape (n_samples,); got shape {list(y.shape)}.", code="data_bad_labels")
         if y.shape[0] != n:
-            raise DataError(f"'x' has {n} samples but 'y' has {y.shape[0]} labels; they must match.",
+            raise DataError(f"{first!r} has {n} samples but 'y' has {y.shape[0]} labels; they must match.",
                             code="data_length_mismatch")
         if y.dtype.kind == "f":
             if not np.isfinite(y).all() or not np.all(y == np.round(y)):
@@ -206,7 +272,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
         y = y.astype(np.int64)
         if (y < 0).any():
             raise DataError(f"Labels must be ≥ 0; found {int(y.min())}.", code="data_labels_out_of_range")
-    return CalibrationSet(x=x, y=y)
+    return CalibrationSet(x=x, y=y, inputs=inputs)
 
 
 def load_calibration(path: str | os.PathLike, *, max_inflated_bytes: int | None = None) -> CalibrationSet:

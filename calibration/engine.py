@@ -25,6 +25,7 @@ from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
 from .errors import CancelledError, ConfigError, ModelError, exception_summary
 from .fast_eval import Predictor, effective_precision
+from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, select_output
 from .masks import NestedMasks, apply_masks, restore
 from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
@@ -94,7 +95,7 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
     for start in range(0, x.shape[0], batch_size):
         if should_stop is not None and should_stop():
             raise CancelledError()
-        logits = module(x[start:start + batch_size])
+        logits = select_output(call(module, x[start:start + batch_size]))
         out.append(logits.argmax(dim=1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=x.device)
 
@@ -114,8 +115,9 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
     def failed(xb: torch.Tensor, exc: BaseException) -> None:
         first = exception_summary(exc)
         raise ModelError(
-            f"The model failed on a batch of inputs of shape {list(xb.shape)}: {first}. "
-            "Check that the data's input shape matches what the model expects.",
+            f"The model failed on a batch of inputs ({describe_batch(xb)}): {first}. "
+            "Check that the data's input shape and dtype match what the model expects (integer arrays are "
+            "passed as int64, floating ones as float32).",
             code="model_forward_failed",
         ) from exc
 
@@ -281,18 +283,21 @@ def certify(
     bound = resolve_bound(cfg.bound, risk)
     procedure = get_procedure(cfg.procedure)
     # Gather each split on the host, then move it: the device never holds a second full copy.
-    x_cal_host = torch.from_numpy(data.x[split.cal])
-    x_tune_host = torch.from_numpy(data.x[split.tune])
+    order = bind_inputs(module, data.input_names)  # the data's input arrays in forward-argument order
+    x_cal_host = gather(data.inputs, order, split.cal)
+    x_tune_host = gather(data.inputs, order, split.tune)
     run.timings["load_s"] = time.perf_counter() - t0
 
     with evaluation_precision(cfg.precision, device), \
-            Predictor(module, cfg.batch_size, device=device, precision=cfg.precision) as predictor:
+            Predictor(module, cfg.batch_size, device=device, precision=cfg.precision,
+                      output=cfg.output) as predictor:
         # How inputs are evaluated is fixed from D_tune, never from D_cal's values (SPEC §1): the resident
         # dtype (bf16/fp16 halve D_cal's memory; fp32 unchanged) is decided on D_tune, D_tune is rounded the
         # same way (BN statistics and scores see inputs rounded like D_cal's), and the memory layout is timed
         # on a D_tune batch or a synthetic tensor of the batch shape. Converted on the host: the device never
         # holds D_cal's fp32 copy.
-        predictor.decide_resident(x_tune_host if x_tune_host.shape[0] else None, x_cal_host.dtype)
+        predictor.decide_resident(x_tune_host if x_tune_host.shape[0] else None,
+                                  None if isinstance(x_cal_host, ModelInputs) else x_cal_host.dtype)
         x_tune = predictor.rounded(x_tune_host).to(device)
         del x_tune_host
         x_cal = predictor.resident(x_cal_host).to(device)
@@ -333,7 +338,7 @@ def certify(
         ctx = ScoreContext(module=module, weights=weights, tune_x=x_tune if x_tune.shape[0] else None,
                            tune_y=y_tune if x_tune.shape[0] else None, batch_size=cfg.batch_size, seed=cfg.seed,
                            uncertainty=uncertainty_stats, mu_steps=cfg.mu_steps, mu_lr=cfg.mu_lr,
-                           obd_samples=cfg.obd_samples)
+                           obd_samples=cfg.obd_samples, output=cfg.output)
         masks_by_criterion: dict[str, NestedMasks | PatternMasks] = {}
         for i, name in enumerate(cfg.criterion):
             run.report("scoring", i, len(cfg.criterion), f"scoring weights by {name}")

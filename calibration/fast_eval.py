@@ -48,7 +48,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CancelledError
+from .errors import CancelledError, ModelError
+from .inputs import ModelInputs, call, select_output
 
 CheckFn = Callable[[torch.Tensor, torch.Tensor], None]
 ErrorFn = Callable[[torch.Tensor, BaseException], None]
@@ -121,6 +122,7 @@ class Predictor:
         cuda_graph: bool | None = None,
         channels_last: bool | None = None,
         warmup: int = 3,
+        output: int | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -128,6 +130,7 @@ class Predictor:
             first = next(iter(module.parameters()), None)
             device = first.device if first is not None else torch.device("cpu")
         self.module = module
+        self.output = output  # which entry of a tuple/dict output is the logits (calibration.inputs.select_output)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
         self.precision = precision
@@ -199,7 +202,13 @@ class Predictor:
     def decide_resident(self, tune: torch.Tensor | None, dtype: torch.dtype) -> torch.dtype:
         """Fix the resident dtype for inputs of ``dtype`` from D_tune (``tune``) alone (see
         :func:`resident_dtype_rule`); :meth:`resident` and :meth:`rounded` then apply it to any split."""
-        self.resident_dtype = resident_dtype_rule(tune, dtype, self.autocast_dtype)
+        if isinstance(tune, ModelInputs) or dtype is None:
+            # Several inputs: the floating ones are kept reduced only if the rule allows it for each.
+            floats = [t for t in tune.tensors if t.is_floating_point()] if tune is not None else []
+            rules = {resident_dtype_rule(t, t.dtype, self.autocast_dtype) for t in floats}
+            self.resident_dtype = rules.pop() if len(rules) == 1 else torch.float32
+        else:
+            self.resident_dtype = resident_dtype_rule(tune, dtype, self.autocast_dtype)
         self.resident_decided_from = ("tuning split" if tune is not None and tune.numel() else
                                       "input dtype (no tuning split)")
         return self.resident_dtype
@@ -209,8 +218,11 @@ class Predictor:
         fixed by :meth:`decide_resident` (called first by the engine, on D_tune). Used on its own, the
         rule is applied to ``x`` itself."""
         if self.resident_dtype is None:
-            self.decide_resident(x, x.dtype)
+            self.decide_resident(x, None if isinstance(x, ModelInputs) else x.dtype)
             self.resident_decided_from = "these inputs"
+        if isinstance(x, ModelInputs):
+            return x.map(lambda t: t.to(self.resident_dtype) if t.is_floating_point() and
+                         t.dtype != self.resident_dtype else t)
         target = self.resident_dtype if x.is_floating_point() else x.dtype
         return x if x.dtype == target else x.to(target)
 
@@ -218,6 +230,9 @@ class Predictor:
         """``x`` with its values rounded exactly as :meth:`resident` rounds them, in its own dtype (for
         D_tune: scores, BN re-estimation and reconstruction see inputs rounded like D_cal's)."""
         r = self.resident(x)
+        if isinstance(x, ModelInputs):
+            return ModelInputs(x.names, [a if a.dtype == b.dtype else a.to(b.dtype)
+                                         for a, b in zip(r.tensors, x.tensors)])
         return r if r.dtype == x.dtype else r.to(x.dtype)
 
     def choose_layout(self, example: torch.Tensor, source: str) -> None:
@@ -244,7 +259,7 @@ class Predictor:
 
     def _forward(self, xb: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.module(xb)
+            return select_output(call(self.module, xb), self.output)
 
     @torch.no_grad()
     def forward(self, xb: torch.Tensor, fn: Callable[[torch.Tensor], Any] | None = None) -> Any:
@@ -252,13 +267,13 @@ class Predictor:
         function of the same module), in the evaluation precision and memory layout: for passes that
         must not replay the graph, such as BN re-estimation, which runs in train mode and updates buffers."""
         with self._autocast():
-            return (self.module if fn is None else fn)(self._format(xb))
+            return call(self.module if fn is None else fn, self._format(xb))
 
     def _eager(self, xb: torch.Tensor, on_error: ErrorFn | None) -> torch.Tensor:
         self.eager_batches += 1
         try:
             return self._forward(self._format(xb))
-        except CancelledError:
+        except (CancelledError, ModelError):  # ModelError: an output that holds no logits (select_output)
             raise
         except Exception as exc:
             if on_error is not None:
@@ -266,7 +281,8 @@ class Predictor:
             raise
 
     def _key(self, xb: torch.Tensor) -> tuple[Any, ...]:
-        return (tuple(xb.shape), xb.dtype, xb.device, self.autocast_dtype, self.channels_last,
+        return (tuple(xb.shape) if not isinstance(xb, ModelInputs) else tuple(tuple(t.shape) for t in xb.tensors),
+                xb.dtype, xb.device, self.autocast_dtype, self.channels_last,
                 bool(self.module.training))
 
     def _capture(self, xb: torch.Tensor) -> None:

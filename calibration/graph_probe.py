@@ -90,9 +90,8 @@ class GraphProbe:
         except Exception as exc:  # not a ScriptModule, or a graph torch refuses to inline
             raise ModelError(_HINT + f"{type(exc).__name__}: {exc}".strip(), code="model_not_probeable") from exc
         inputs = list(graph.inputs())
-        if len(inputs) != 2:
-            raise ModelError(_HINT + f"forward takes {len(inputs) - 1} inputs; exactly one tensor is supported.",
-                             code="model_not_probeable")
+        if len(inputs) < 2:  # self, then every forward argument (several: calibration.inputs.ModelInputs)
+            raise ModelError(_HINT + "forward takes no input.", code="model_not_probeable")
         names: dict[int, str] = {inputs[0].unique(): ""}
         calls: list[tuple[str, str, dict[str, Any]]] = []
         self.unprobed: dict[str, str] = {}
@@ -174,9 +173,10 @@ class GraphProbe:
         return None
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[Any, dict[str, list[LayerInput]]]:
-        """Run the model once on ``x``; returns its output and every probed layer's inputs."""
-        out = self._fn(self._module._c, x)
+    def __call__(self, x: Any) -> tuple[Any, dict[str, list[LayerInput]]]:
+        """Run the model once on ``x`` (a tensor or ModelInputs); returns its output and every probed layer's inputs."""
+        args = x.tensors if hasattr(x, "tensors") else (x,)
+        out = self._fn(self._module._c, *args)
         captured: dict[str, list[LayerInput]] = {}
         for call in self.calls:
             captured.setdefault(call.name, []).append(_layer_input(call, out))

@@ -30,6 +30,7 @@ class ScoreContext:
     mu_steps: int = 64
     mu_lr: float = 1e-3
     obd_samples: int = 256
+    output: int | str | None = None  # which entry of a tuple/dict output is the logits (calibration.inputs)
 
 
 Criterion = Callable[[ScoreContext], list[torch.Tensor]]

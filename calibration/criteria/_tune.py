@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError, ModelError
+from ..inputs import call, select_output
 from . import ScoreContext
 
 
@@ -24,11 +25,11 @@ def require_tune_data(ctx: ScoreContext, criterion: str) -> tuple[torch.Tensor, 
 
 
 def tune_loss(module: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor,
-          device: torch.device) -> torch.Tensor:
+          device: torch.device, *, output: int | str | None = None) -> torch.Tensor:
     """Mean cross-entropy of the samples ``idx`` (indices into D_tune)."""
-    x = x_all[idx.to(x_all.device)].to(device)
+    x = x_all[idx.to(x_all.device)].to(device)  # a tensor, or every input of a ModelInputs, same rows
     y = y_all[idx.to(y_all.device)].to(device)
-    logits = module(x)
+    logits = select_output(call(module, x), output)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(

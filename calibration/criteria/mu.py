@@ -139,7 +139,7 @@ def trajectory_sigmas(ctx: ScoreContext) -> list[torch.Tensor]:
         try:
             for step in range(1, steps + 1):
                 idx = torch.randperm(n_tune, generator=gen)[:batch]
-                loss = tune_loss(ctx.module, tune_x, tune_y, idx, device)
+                loss = tune_loss(ctx.module, tune_x, tune_y, idx, device, output=ctx.output)
                 if not torch.isfinite(loss):
                     raise ConfigError(
                         f"The mu trajectory diverged (loss {float(loss)} at step {step}). Lower 'mu_lr' "

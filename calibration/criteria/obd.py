@@ -48,7 +48,7 @@ def fisher_diagonal(ctx: ScoreContext) -> list[torch.Tensor]:
         total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
         for i in chosen.tolist():
             idx = torch.tensor([i])
-            loss = tune_loss(ctx.module, tune_x, tune_y, idx, device)
+            loss = tune_loss(ctx.module, tune_x, tune_y, idx, device, output=ctx.output)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 for acc, g in zip(total, grads):
