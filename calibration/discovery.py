@@ -23,7 +23,8 @@ call (``torch._C._jit_pass_inline``), and follow data flow from each parameter:
   ``embedding_bag``, ``index_select``, ``index``, ``gather``, ``take`` (with the parameter first).
 
 Prunable by default: every parameter of two or more dimensions that is a matrix weight and not a lookup
-table, and not tied to one. Tied parameters (one storage under several names, e.g. a language model's
+table, and not tied to one. As a safety net the weight of a standard ``Conv*d``/``ConvTranspose*d``/``Linear``
+module (by ``original_name``) counts as a matrix weight even where the walk found no use of it. Tied parameters (one storage under several names, e.g. a language model's
 head and its token embedding) are one candidate, listed under their first name, pruned together or not
 at all; a group with an embedding in it is not a candidate by default. Biases and norm weights are
 1-d and never candidates. ``prune_include`` (glob patterns over parameter names; a tied group matches
@@ -80,6 +81,9 @@ _RNN = ("aten::lstm", "aten::gru", "aten::rnn_tanh", "aten::rnn_relu", "aten::ls
 _LOOKUP_AT = {"aten::embedding": 0, "aten::embedding_bag": 0, "aten::_embedding_bag": 0,
               "aten::embedding_renorm_": 0, "aten::index_select": 0, "aten::index": 0, "aten::gather": 0,
               "aten::take": 0}
+#: Standard module classes by TorchScript ``original_name`` (the safety net of :func:`discover`).
+_STANDARD = {**{f"Conv{d}d": "conv" for d in (1, 2, 3)}, **{f"ConvTranspose{d}d": "conv_transpose" for d in (1, 2, 3)},
+             "Linear": "linear", "NonDynamicallyQuantizableLinear": "linear"}
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -346,6 +350,14 @@ def discover(module: torch.nn.Module, *, exclude_first_last: bool = False,
     except Exception:  # not a ScriptModule, or a graph torch will not copy or inline
         uses, lookups = _eager_uses(module, groups)
         method = "module_types"
+    # A safety net, never a narrowing: the weight of a module whose class is a standard Conv*/Linear stays a
+    # candidate even where the graph walk missed its use (an op this module does not know).
+    for _, sub in module.named_modules():
+        mtype = module_type(sub)
+        weight = dict(_own_tensors(sub, "param")).get("weight")
+        g = groups.group_of(weight) if weight is not None and weight.dim() >= 2 else None
+        if g is not None and mtype in _STANDARD and g not in uses:
+            uses[g] = {_STANDARD[mtype]}
     include = list(include) if include is not None else None
     exclude = list(exclude)
     matrices: dict[str, int] = {}
