@@ -494,3 +494,25 @@ def test_report_page_and_summary_show_the_candidate_fraction():
               "n_calibration": 10, "n_tune": 0, "zeroed_parameters": 120, "prunable_parameters": 1200, "levels": [],
               "prunable_weights": pw}
     assert "candidate weights  : 5 of 6 weight matrices (1,200 of 1,600 parameters, 75.0%)" in format_summary(result)
+
+
+@pytest.mark.parametrize("model,kept", [(LSTMTextClassifier, "emb.weight"), (TiedLM, "wte.weight")])
+def test_certify_token_models_never_touch_the_embedding(model, kept, tmp_path):
+    """Token ids (int64) end to end: the LSTM's weights and the tied model's middle layer are pruned, the
+    embedding (and the head tied to it) never."""
+    torch.manual_seed(0)
+    vocab = 50 if model is LSTMTextClassifier else 40
+    path = tmp_path / "model.pt"
+    _export(model(), (torch.randint(0, vocab, (2, 7)),), "script").save(str(path))
+    np.savez(tmp_path / "tokens.npz", x=np.random.default_rng(0).integers(0, vocab, size=(300, 7)).astype(np.int64))
+    out = tmp_path / "pruned.pt"
+    cfg = {"risk": "disagreement", "epsilon": 0.25, "delta": 0.2, "sparsities": [0.0, 0.01, 0.02, 0.05]}
+    r = certify(path, tmp_path / "tokens.npz", cfg, out=out).result
+    pw = r["prunable_weights"]
+    assert kept in pw["not_candidates"] and pw["of_count"] == pw["count"] + 1
+    assert r["certified"]
+    pruned = torch.jit.load(str(out))
+    dense = torch.jit.load(str(path))
+    assert torch.equal(getattr(pruned, kept.split(".")[0]).weight, getattr(dense, kept.split(".")[0]).weight)
+    zeros, total = _zeros(pruned)
+    assert zeros == r["zeroed_parameters"] == int(np.floor(r["certified_sparsity"] * total + 0.5)) > 0
