@@ -45,15 +45,21 @@ Why it is valid (proof sketch)
    the window is added to the upper bound (exactly, through its binomial tail), and a relative margin of
    1e-8 absorbs floating-point error.
 5. The family A_k = {b ≤ k_α} ∪ {Z ≤ z_first + k·0.001} is nested in k (A_{−1}: the anchor alone,
-   whose size is the binomial's, at t = 0). The search: (i) a coarse grid of t (lower bounds of the
-   sup) finds the largest k whose grid size is ≤ α; k + 1 is then *disproved* (some g(t) > α); (ii) a
-   region a margin below is *proved* with cells (k_lo). Observations in A_{k_lo} are rejected, those
-   outside A_{k_hi} are not, and the first observation in between triggers ``settle``: rigorous
-   decisions on the band (the top first, then bisection), cells split where their bound exceeds α,
-   until the largest proved region k* is found. When k* + 1 is disproved the decision at level α is
-   exactly that of the ideal sup test (``exact``); when a refinement budget runs out first (a size
-   within a hair of α, typical at n ≳ 10,000) k* is the largest *proved* region, a few thousandths
-   lower in z: conservative, and still valid, since every rejection lies in a region proved ≤ α.
+   whose size is the binomial's, at t = 0). The ideal test rejects (b, c) iff the size of A_{k(b,c)},
+   the smallest region containing it, is ≤ α; its rejection set is A_{K} with K the largest such k, of
+   size ≤ α. Once per (n, ε, α): (i) a coarse grid of t (lower bounds of the sup) finds the largest k
+   whose grid size is ≤ α; k + 1 is then *disproved* (k_hi: some g(t) > α); (ii) a region a margin
+   below is *proved* with cells (k_lo). Per observation: region k(b, c) ≤ k_lo is rejected, ≥ k_hi is
+   not, and one in between gets its own rigorous decision (one pass of coarse cells, then cells refined
+   from a finer grid, split where their bound exceeds α, within a budget): rejected only when *proved*.
+   Decisions are cached, and a proved k′ ≥ k proves k, a disproved k′ ≤ k disproves it (nesting).
+   Validity: every rejected (b, c) lies in a region proved to have size ≤ α, so the procedure rejects
+   only where the ideal test does; its rejection set is contained in A_{K}, whatever the order of the
+   observations or the budget, and P_null(reject) ≤ P_null(A_{K}) ≤ α. When the budget runs out (a
+   size within a hair of α, typical at n ≳ 10,000) the decision is 'not rejected': conservative, a few
+   thousandths in z. Observations away from the exact boundary resolve in one or two passes.
+   (``settle`` bisects the same decisions over the band to get the whole boundary, for tests and
+   tables; the test itself never needs it.)
 6. p-value. The reported p-value is a rigorous upper bound on sup_null P(T_α ≤ T_α(b, c)) — the exact
    unconditional p-value of the fixed statistic T_α — so it is valid for every u (P(p ≤ u) ≤ u), and it
    is ≤ α exactly when the anchored test rejects. It is the one used for the decision at level α; at
@@ -73,7 +79,20 @@ from .errors import ConfigError, DataError
 
 REL_MARGIN = 1e-8  # relative floating-point margin on every rigorous upper bound
 ABS_MARGIN = 1e-14
-MAX_EVALS = 6000  # cell evaluations one rigorous decision may spend before it settles conservatively
+MAX_EVALS = 3000  # cell evaluations one rigorous decision may spend before it settles conservatively
+WINDOW_SD = 6.0  # the window of C summed term by term: n·p_c ± 6 sd (+3); the exact tail mass outside is added
+
+
+@lru_cache(maxsize=8)
+def _log_factorials(n: int) -> np.ndarray:
+    """log k! for k = 0 … n (a table: every pmf below is looked up, not recomputed)."""
+    return special.gammaln(np.arange(n + 1, dtype=np.float64) + 1.0)
+
+
+def _xlog(k: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """k·log p with 0·log 0 = 0 (``logp`` broadcast over rows; k ≥ 0)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(k > 0, k * logp, 0.0)
 
 
 # ----------------------------------------------------------------------------- one multinomial probability
@@ -88,29 +107,23 @@ def _region_probs(n: int, bcrit: np.ndarray, pb: np.ndarray, pc: np.ndarray) -> 
     pb = np.atleast_1d(np.asarray(pb, dtype=np.float64))
     pc = np.atleast_1d(np.asarray(pc, dtype=np.float64))
     sd = np.sqrt(n * pc * (1.0 - pc))
-    c0 = np.clip(np.floor(n * pc - 7.0 * sd - 3.0), 0, n).astype(np.int64)
-    c1 = np.clip(np.ceil(n * pc + 7.0 * sd + 3.0), 0, n).astype(np.int64)
+    c0 = np.clip(np.floor(n * pc - WINDOW_SD * sd - 3.0), 0, n).astype(np.int64)
+    c1 = np.clip(np.ceil(n * pc + WINDOW_SD * sd + 3.0), 0, n).astype(np.int64)
     widths = c1 - c0 + 1
     order = np.argsort(widths, kind="stable")
     lower = np.empty(pb.size)
     upper = np.empty(pb.size)
     lg_n = special.gammaln(n + 1.0)
-    chunk = max(8, int(2e5 // max(1, int(widths.max()))))
-    for s0 in range(0, order.size, chunk):
-        idx = order[s0:s0 + chunk]
+    sw = widths[order]
+    s0 = 0
+    while s0 < order.size:  # a chunk: widths within 1.5× of its first (each padded only to its own max)
+        s1 = max(s0 + 1, int(np.searchsorted(sw, 1.5 * sw[s0] + 8, side="right")))
+        s1 = min(s1, s0 + max(8, int(2e5 // max(1, int(sw[s1 - 1])))))
+        idx = order[s0:s1]
         lo_i, up_i = _probs_chunk(n, bcrit, pb[idx], pc[idx], c0[idx], c1[idx], lg_n)
         lower[idx], upper[idx] = lo_i, up_i
+        s0 = s1
     return lower, upper
-
-
-def _log_binom_pmf(m: np.ndarray, j: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """log P(Bin(m, q) = j), −inf outside 0 ≤ j ≤ m."""
-    ok = (j >= 0) & (j <= m)
-    jj = np.where(ok, j, 0).astype(np.float64)
-    mm = m.astype(np.float64)
-    out = (special.gammaln(mm + 1.0) - special.gammaln(jj + 1.0) - special.gammaln(mm - jj + 1.0)
-           + special.xlogy(jj, q) + special.xlog1py(mm - jj, -q))
-    return np.where(ok, out, -np.inf)
 
 
 def _bracket(n, pc, c0, c1, s, width):
@@ -125,15 +138,17 @@ def _bracket(n, pc, c0, c1, s, width):
 
 def _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n):
     """Per point (rows) and fixed-error count c in [c0, c1] (columns): c, its validity mask, the binomial
-    weight P(C = c), the conditional new-error rate q = p_b / (1 − p_c), m = n − c and k = b_crit(c)."""
+    weight P(C = c), the conditional new-error rate q = p_b / (1 − p_c), m = n − c and k = b_crit(c).
+    (``lg_n`` is unused: the log-factorials come from a table per n.)"""
+    lf = _log_factorials(n)
     width = int((c1 - c0).max()) + 1
     c = c0[:, None] + np.arange(width, dtype=np.int64)[None, :]
     valid = c <= c1[:, None]
     c = np.minimum(c, n)
     cf = c.astype(np.float64)
-    pcc = pc[:, None]
-    logw = (lg_n - special.gammaln(cf + 1.0) - special.gammaln(n - cf + 1.0)
-            + special.xlogy(cf, pcc) + special.xlog1py(n - cf, -pcc))
+    with np.errstate(divide="ignore"):
+        lpc, l1pc = np.log(pc)[:, None], np.log1p(-pc)[:, None]
+    logw = lf[n] - lf[c] - lf[n - c] + _xlog(cf, lpc) + _xlog(n - cf, l1pc)
     w = np.where(valid, np.exp(logw), 0.0)
     q = np.clip(pb / np.maximum(1.0 - pc, 1e-300), 0.0, 1.0)[:, None]
     return c, valid, w, q, n - c, bcrit[c]
@@ -151,6 +166,11 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
     c, valid, w, q, m, k = _chunk_grid(n, bcrit, pb, pc, c0, c1, lg_n)
     width = c.shape[1]
     capped = k >= m
+    # q = 1 (the end of the nuisance line): B = n − C surely, so the CDF is exactly 1[k ≥ m] = ``capped``;
+    # such rows run the recurrence with a placeholder q and are overwritten below.
+    certain = q[:, 0] >= 1.0
+    if certain.any():
+        q = np.where(certain[:, None], 0.5, q)
     krec = np.maximum.accumulate(np.where(capped, -1, k), axis=1)  # nondecreasing; capped entries → F = 1
     # F at the first column: P(Bin(m, q) ≤ k) = I_{1−q}(m − k, k + 1) for 0 ≤ k < m.
     k0, m0 = krec[:, 0], m[:, 0]
@@ -161,34 +181,31 @@ def _probs_chunk(n, bcrit, pb, pc, c0, c1, lg_n):
     if width > 1:
         m1 = m[:, 1:]  # = m_prev − 1
         kp, kn = krec[:, :-1], krec[:, 1:]
-        qq = np.broadcast_to(q, m1.shape)
         delta = kn - kp
         dmax = int(delta.max()) if delta.size else 0
-        if float(q.max()) < 1.0:
-            # pmf at s = max(k, 0) once (gammaln), the next ones by the ratio (m − j)/(j + 1) · q/(1 − q).
-            s0 = np.maximum(kp, 0)
-            pmf = np.exp(_log_binom_pmf(m1, s0, qq))
-            inc = np.where(kp >= 0, q * pmf, 0.0)
-            r = q / (1.0 - q)
-            j = s0.astype(np.float64)
-            m1f = m1.astype(np.float64)
-            first = kp < 0  # the sum over (k, k′] starts at j = 0 itself
-            inc = inc + np.where(first & (kn >= 0), pmf, 0.0)
-            for _ in range(dmax):
-                pmf = pmf * np.maximum(m1f - j, 0.0) / (j + 1.0) * r
-                j = j + 1.0
-                inc = inc + np.where(j <= kn, pmf, 0.0)
-        else:  # q = 1 somewhere (the end of the nuisance line): the direct log-pmf, term by term
-            inc = q * np.exp(_log_binom_pmf(m1, kp, qq))
-            for step in range(1, dmax + 1):
-                sel = delta >= step
-                if not sel.any():
-                    break
-                inc = inc + np.where(sel, np.exp(_log_binom_pmf(m1, kp + step, qq)), 0.0)
+        # pmf at s = max(k, 0) once (gammaln), the next ones by the ratio (m − j)/(j + 1) · q/(1 − q).
+        s0 = np.maximum(kp, 0)
+        lf = _log_factorials(n)
+        ok = s0 <= m1
+        s0c = np.minimum(s0, m1)
+        lq, l1q = np.log(q), np.log1p(-q)  # 0 < q < 1 here (p_b ≥ ε > 0)
+        pmf = np.where(ok, np.exp(lf[m1] - lf[s0c] - lf[m1 - s0c] + s0c * lq + (m1 - s0c) * l1q), 0.0)
+        inc = np.where(kp >= 0, q * pmf, 0.0)
+        r = q / (1.0 - q)
+        j = s0.astype(np.float64)
+        m1f = m1.astype(np.float64)
+        first = kp < 0  # the sum over (k, k′] starts at j = 0 itself
+        inc = inc + np.where(first & (kn >= 0), pmf, 0.0)
+        for _ in range(dmax):
+            pmf = pmf * np.maximum(m1f - j, 0.0) / (j + 1.0) * r
+            j = j + 1.0
+            inc = inc + np.where(j <= kn, pmf, 0.0)
         f = np.concatenate([f0[:, None], f0[:, None] + np.cumsum(inc, axis=1)], axis=1)
     else:
         f = f0[:, None]
     cdf = np.where(capped, 1.0, np.where(k < 0, 0.0, np.minimum(f, 1.0)))
+    if certain.any():
+        cdf[certain] = capped[certain]
     return _bracket(n, pc, c0, c1, (w * cdf).sum(axis=1), width)
 
 
@@ -332,15 +349,20 @@ def _bcrit_for(n: int, eps: float, k_alpha: int, z: float) -> np.ndarray:
     return np.clip(np.minimum(out, n - cidx), -1, None).astype(np.int64)
 
 
+@lru_cache(maxsize=1024)
 def _k_alpha(n: int, eps: float, alpha: float) -> tuple[int, float]:
-    """Largest k with P(Bin(n, ε) ≤ k) ≤ α (−1 if none) and that probability."""
-    ks = np.arange(n + 1, dtype=np.float64)
-    cdf = special.bdtr(ks, n, eps)
-    ok = np.flatnonzero(cdf <= alpha)
-    if ok.size == 0:
+    """Largest k with P(Bin(n, ε) ≤ k) ≤ α (−1 if none) and that probability (bisection: the CDF is
+    increasing in k)."""
+    if special.bdtr(0.0, n, eps) > alpha:
         return -1, 0.0
-    k = int(ok[-1])
-    return k, float(cdf[k])
+    lo, hi = 0, n + 1  # cdf(lo) ≤ α; hi: cdf(n) = 1 > α
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if special.bdtr(float(mid), n, eps) <= alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo, float(special.bdtr(float(lo), n, eps))
 
 
 def _grid_line(n: int, eps: float, per_sd: float, lo: int, hi: int) -> _Line:
@@ -356,7 +378,8 @@ class PairedCut:
     ideal test rejects (b, c) iff the size (sup over the null) of the smallest region containing it is
     ≤ α. ``k_lo`` is proved (size ≤ α), ``k_hi`` disproved (some g(t) > α, or the whole space); an
     observation whose region lies strictly between gets its own rigorous decision (cells refined until
-    proved or disproved), remembered here. Rejection therefore always implies the ideal test rejects.
+    proved or disproved, within a budget), remembered here (``proved``, ``failed``). Rejection therefore
+    always implies the ideal test rejects (module docstring, 5.).
     """
 
     def __init__(self, n: int, eps: float, alpha: float, *, quick: bool = False) -> None:
@@ -372,6 +395,7 @@ class PairedCut:
         self.exact: bool | None = None
         self.proved: dict[int, float] = {-1: self.binomial_size}  # k → upper bound of its size (≤ α)
         self.failed: dict[int, tuple[str, float]] = {}  # k → ('disproved' | 'undecided', lower bound)
+        self.upper_seen: dict[int, float] = {}  # k → the rigorous size bound its failed decision reached
         if not feasible.any():  # the anchor alone already rejects every (b, c)
             self.z_first, self.k_top, self.k_lo, self.k_hi = math.inf, -1, -1, 0
             self.k_star, self.exact = -1, True
@@ -413,37 +437,49 @@ class PairedCut:
         line = _Line(self.n, self.epsilon, edges)
         return float(_boundary_lower(line, self.region(k), edges).max())
 
-    def _decide_k(self, k: int, budget: int) -> str:
+    def _decide_k(self, k: int, budget: int = MAX_EVALS) -> str:
+        """Rigorous decision on region k: 'proved' (size ≤ α), 'disproved' (some g(t) > α) or 'undecided'.
+
+        Uses what is known: a proved k′ ≥ k proves k, a disproved k′ ≤ k disproves it (the regions are
+        nested). Otherwise one pass of coarse cells (cheap; enough away from the boundary), then cells
+        refined from the fine grid within ``budget``. Results are remembered; an 'undecided' k is retried
+        only through a later proof of some k′ ≥ k.
+        """
         if k < 0 or any(kp >= k for kp in self.proved):
             return "proved"
-        if k > self.k_top:
+        if k > self.k_top or any(kp <= k and st == "disproved" for kp, (st, _) in self.failed.items()):
             return "disproved"
         if k in self.failed:
             return self.failed[k][0]
+        bcrit = self.region(k)
+        edges = self.coarse.edges
+        first = _cell_bounds(self.coarse, bcrit, edges[:-1], edges[1:])
+        if float(first.max()) <= self.alpha:
+            self.proved[k] = float(first.max())
+            return "proved"
         line = _Line(self.n, self.epsilon, self.fine_edges.copy())
-        status, upper, lower = _decide(line, self.region(k), self.alpha, budget=budget)
+        status, upper, lower = _decide(line, bcrit, self.alpha, budget=budget)
         if status == "proved":
             self.proved[k] = upper
         else:
             self.failed[k] = (status, lower)
+            self.upper_seen[k] = upper
         return status
 
     def settle(self, budget: int = MAX_EVALS) -> int:
-        """The largest k of the family proved to have size ≤ α: bisection over (k_lo, k_hi) with rigorous
-        decisions (computed once, on the first observation that falls between them). ``exact`` then says
-        whether k + 1 was shown to exceed α (the ideal test's boundary) or only not proved (conservative)."""
+        """The largest k of the family whose rigorous decision proves it (bisection over (k_lo, k_hi) with
+        the same per-region decisions ``rejects`` uses). Not needed by the test itself (each observation
+        gets its own decision); tests and tables use it to get the whole rejection boundary. ``exact`` then
+        says whether k + 1 was shown to exceed α (the ideal test's boundary) or only not proved."""
         if self.k_star is None:
             lo, hi = self.k_lo, self.k_hi
-            # The grid search usually lands on the boundary: try the top of the band first.
-            if hi - 1 > lo and self._decide_k(hi - 1, budget) == "proved":
-                lo = hi - 1
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if self._decide_k(mid, budget // 2) == "proved":
+                if self._decide_k(mid, budget) == "proved":
                     lo = mid
                 else:
                     hi = mid
-            self.k_star = lo
+            self.k_star = max(lo, max(self.proved))
             self.exact = hi > self.k_top or self._decide_k(hi, budget) == "disproved"
         return self.k_star
 
@@ -477,7 +513,7 @@ class PairedCut:
         if hi <= self.k_top:
             self.failed[hi] = ("disproved", self._grid_size(hi, coarse))
         # Phase 2 (rigorous): prove a region a margin below, widening the margin until proved.
-        margin = int(round((40 if quick else 30) * max(1.0, math.sqrt(self.n / 2000))))
+        margin = int(round((80 if quick else 60) * max(1.0, math.sqrt(self.n / 2000))))
         budget = 1500
         k = lo
         while k >= 0:
@@ -500,20 +536,27 @@ class PairedCut:
         return self.proved[max(self.proved)]
 
     def rejects(self, b: int, c: int) -> bool:
-        """The anchored test at level α: b ≤ k_α, or Z(b, c) ≤ z*_α with z*_α settled exactly."""
-        k = self.k_of(b, c)
+        """The anchored test at level α: reject iff the smallest region containing (b, c) is proved ≤ α
+        (b ≤ k_α always is); between ``k_lo`` and ``k_hi`` by its own rigorous decision (cached)."""
+        return self.rejects_k(self.k_of(b, c))
+
+    def rejects_k(self, k: int) -> bool:
         if k <= self.k_lo:
             return True
         if k >= self.k_hi:
             return False
-        return k <= self.settle()
+        return self._decide_k(k) == "proved"
+
+    def proved_bound(self, k: int) -> float:
+        """The smallest proved size bound of a region ⊇ region k (1 when none is proved)."""
+        return min((v for kp, v in self.proved.items() if kp >= k), default=1.0)
 
     def final_b_crit(self) -> np.ndarray:
         """The critical boundary of the settled test: reject (b, c) iff b ≤ b_crit[c]."""
         return self.region(self.settle())
 
     def quick_rejects(self, b: int, c: int) -> bool:
-        """Reject only inside the proved region (no per-observation refinement): valid, conservative."""
+        """Reject only inside a region already proved (no refinement): valid, conservative."""
         return self.k_of(b, c) <= max(self.proved)
 
 
@@ -541,8 +584,9 @@ def paired_exact_p_value(b: int, c: int, n: int, epsilon: float, alpha: float) -
     """Valid p-value of the anchored paired test at level α: a rigorous upper bound on its exact sup.
 
     ≤ α exactly when the test at level α rejects H: p_b − p_c ≥ ε. ``b`` new errors, ``c`` fixed errors.
-    Rejected: the smaller of the proved region's size bound and one pass of coarse cells over the
-    observation's own region; not rejected: cells refined to ~5 % (a small budget). Cached.
+    Rejected: the smallest proved size bound of a region containing the observation's own, or one pass of
+    coarse cells over it; not rejected: cells refined to ~5 % (a small budget) or the bound its own failed
+    decision reached, whichever is smaller, and never ≤ α. Cached.
     """
     _check(b, c, n)
     return _p_value_cached(int(b), int(c), int(n), float(epsilon), float(alpha))
@@ -560,19 +604,25 @@ def _p_value_cached(b: int, c: int, n: int, epsilon: float, alpha: float) -> flo
         sub[c] = max(sub[c], b)
         sub = np.maximum.accumulate(sub)  # an upper set in c again (only enlarges the region)
         line = _Line(n, cut.epsilon, cut.coarse.edges.copy())
-        upper, _ = _sup_upper(line, np.minimum(sub, n - np.arange(n + 1)))
+        upper, _ = _sup_upper(line, np.minimum(sub, n - np.arange(n + 1)), budget=0)
         return float(min(upper, cut.binomial_size, cut.size_upper))
     rejected = cut.rejects(b, c)
     if k > cut.k_top:
         upper = 1.0
     else:
         line = _Line(n, cut.epsilon, cut.coarse.edges.copy())
-        upper, _ = _sup_upper(line, cut.region(k), budget=0 if rejected else 150)
-        if k in cut.proved:
-            upper = min(upper, cut.proved[k])
+        region = cut.region(k)
+        if not rejected:  # far out (the sup is ≥ 0.99 at the observed rate of fixed errors): report 1
+            t_hat = np.array([min(c / n, line.t_max)])
+            if float(_boundary_lower(line, region, t_hat)[0]) >= 0.99:
+                return 1.0
+        upper, _ = _sup_upper(line, region, budget=0)
+        if not rejected and upper < 0.9:  # refine the bound for the table (not needed for far-out levels)
+            upper = min(upper, _sup_upper(_Line(n, cut.epsilon, cut.coarse.edges.copy()), region, budget=150)[0])
+        upper = min(upper, cut.upper_seen.get(k, 1.0))
     if rejected:
-        # region k ⊆ the largest proved region: its size bound applies too.
-        return float(min(upper, cut.size_upper))
+        # region k ⊆ every proved region k′ ≥ k: their size bounds apply too.
+        return float(min(upper, cut.proved_bound(k)))
     # Not rejected: never report ≤ α (an inflated p-value stays valid).
     return float(max(upper, np.nextafter(cut.alpha, 1.0)))
 

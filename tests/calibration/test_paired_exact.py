@@ -132,6 +132,47 @@ def test_decision_agrees_with_a_brute_force_sup(n: int, alpha: float, eps: float
     assert cut.exact
 
 
+@pytest.mark.parametrize("n,alpha,eps", [(80, 0.1, 0.02), (150, 0.05, 0.01), (200, 0.01, 0.03)])
+def test_per_observation_decisions_agree_with_a_brute_force_sup_in_any_order(n: int, alpha: float, eps: float) -> None:
+    """Each observation gets its own rigorous decision on its own region (no settle first), asked in a
+    random order on a fresh cut: rejected ⇒ the brute-force size of its region is ≤ α (validity), and
+    clearly-below-α regions are rejected (power); the decisions form a lower set in the family's k."""
+    cut = pt.PairedCut(n, eps, alpha)
+    ts = np.linspace(0.0, (1 - eps) / 2, 601)
+    allb, allc = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    ok = allb + allc <= n
+    allb, allc = allb[ok], allc[ok]
+    pmf = np.exp(np.stack([_multinomial_logpmf(allb, allc, n, t + eps, t) for t in ts]))
+    rng = np.random.default_rng(11)
+    # one observation per region of the family around the band (a point of region k not in k − 1, or of
+    # the anchor), and a few far inside and outside; asked in a random order
+    obs = []
+    for k in range(max(0, cut.k_lo - 20), min(cut.k_top, cut.k_hi + 20) + 1):
+        new = (allb <= cut.region(k)[allc]) & (allb > cut.region(k - 1)[allc])
+        if new.any():
+            i = int(rng.choice(np.flatnonzero(new)))
+            obs.append((int(allb[i]), int(allc[i])))
+    obs += [(0, 0), (max(cut.k_alpha, 0), 0), (n // 2, 0), (int(3 * n * eps), 2)]
+    obs = [obs[i] for i in rng.permutation(len(obs))]
+    decided: dict[int, bool] = {}
+    for b, c in obs:
+        k = cut.k_of(b, c)
+        mine = cut.rejects(b, c)
+        if 0 <= k <= cut.k_top:
+            bcrit = cut.region(k)
+            size = float(pmf[:, allb <= bcrit[allc]].sum(axis=1).max())
+            if mine:
+                assert size <= alpha * (1 + 1e-6), (b, c, k, size)  # the grid is a lower bound of the sup
+            elif size < alpha * (1 - 1e-3):
+                raise AssertionError(f"not rejected although size {size} < α: {(b, c, k)}")
+            assert (pt.paired_exact_p_value(b, c, n, eps, alpha) <= alpha) == mine
+        decided[k] = mine
+    ks = sorted(decided)
+    flags = [decided[k] for k in ks]
+    assert flags == sorted(flags, reverse=True), "decisions must be a lower set in k"
+    assert any(flags) and not all(flags)
+
+
 # ----------------------------------------------------------------------------- the anchor and the region
 
 
@@ -200,6 +241,7 @@ def test_p_value_is_consistent_with_the_decision_and_valid_at_its_level() -> Non
     for u in (0.1, 0.05, 0.02):
         sel = ps <= u
         assert _size_on_grid(b[sel], c[sel], n_small, 0.05, ts).max() <= u + 1e-12, u
+    cut60.settle()
     assert cut60.exact
 
 
@@ -232,11 +274,19 @@ def test_speed_per_job_and_large_n() -> None:
     t0 = time.perf_counter()
     for j in range(1, 40):
         b, c = int(n * 0.0004 * j ** 1.5), int(n * 0.002 * min(j, 10) / 10)
-        if pt.paired_exact_p_value(b, c, n, EPS, 0.1) > 0.1:
+        p = pt.paired_exact_p_value(b, c, n, EPS, 0.1)
+        pt.paired_exact_upper_bound(b, c, n, EPS, 0.1)
+        if p > 0.1:
             break
+    # and one observation in the band between the proved and the disproved region (its own decision)
+    cut = pt.paired_cut(n, EPS, 0.1)
+    c = 30
+    b = int(cut.region((cut.k_lo + cut.k_hi) // 2)[c])
+    pt.paired_exact_p_value(b, c, n, EPS, 0.1)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 6.0, elapsed
+    assert elapsed < 4.0, elapsed  # ≈ 0.5 s on an idle core
     t0 = time.perf_counter()
     cut = pt.paired_cut(100_000, EPS, 0.1)
     assert cut.rejects(900, 50) and not cut.rejects(1100, 50)
-    assert time.perf_counter() - t0 < 60.0
+    assert pt.paired_exact_upper_bound(900, 50, 100_000, EPS, 0.1) <= EPS
+    assert time.perf_counter() - t0 < 30.0
