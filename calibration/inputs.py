@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError, ModelError
+from .errors import ModelError
+from .signature import match_inputs
 
 
 class ModelInputs:
@@ -118,48 +119,9 @@ def forward_arguments(module: torch.nn.Module) -> list[tuple[str, bool]] | None:
 
 
 def bind_inputs(module: torch.nn.Module, names: Sequence[str]) -> list[str]:
-    """Check the data's input arrays against the forward signature; the names in call order.
-
-    ``names == ["x"]``: the single-input case, ``x`` is the first argument and every other argument
-    must have a default. Otherwise each name must be a forward argument, every argument without a
-    default must be given, and the given ones must be the first k arguments (they are passed by position).
-    """
-    sig = forward_arguments(module)
-    if sig is None:
-        if list(names) == ["x"]:
-            return ["x"]
-        raise DataError(f"The data names inputs {list(names)} but the model's forward signature cannot be "
-                        "read to match them; use a single array 'x'.", code="data_inputs_mismatch")
-    arg_names = [n for n, _ in sig]
-    required = [n for n, has_default in sig if not has_default]
-    if list(names) == ["x"]:
-        if len(required) > 1:
-            raise DataError(
-                f"The model's forward takes {len(required)} inputs ({', '.join(required)}) but the data has one array "
-                f"'x'. Save one array per input, named after the forward arguments: np.savez(path, "
-                + ", ".join(f"{n}=..." for n in required) + ", y=...).", code="data_missing_inputs")
-        if not sig:
-            raise DataError("The model's forward takes no input.", code="data_inputs_mismatch")
-        return ["x"]
-    unknown = [n for n in names if n not in arg_names]
-    if unknown:
-        raise DataError(
-            f"Array(s) {unknown} of the data file are not arguments of the model's forward "
-            f"({', '.join(arg_names) or 'none'}); name the input arrays after them (or 'y' for labels).",
-            code="data_inputs_mismatch")
-    missing = [n for n in required if n not in names]
-    if missing:
-        raise DataError(
-            f"The model's forward needs input(s) {missing} that the data file does not hold (it holds "
-            f"{list(names)}); add one array per input, named after the forward arguments.",
-            code="data_missing_inputs")
-    k = max(arg_names.index(n) for n in names) + 1
-    gap = [n for n in arg_names[:k] if n not in names]
-    if gap:
-        raise DataError(
-            f"The inputs are passed by position: forward argument(s) {gap} come before {arg_names[k - 1]!r} and "
-            "must be given too.", code="data_missing_inputs")
-    return arg_names[:k]
+    """Check the data's input arrays against the forward signature; the names in call order
+    (the rule: :func:`calibration.signature.match_inputs`)."""
+    return match_inputs(forward_arguments(module), names)
 
 
 def gather(inputs: dict[str, np.ndarray], order: Sequence[str], rows: np.ndarray) -> Any:

@@ -24,6 +24,7 @@ from calibration.config import LABELLED_RISKS, CertifyConfig, validate_config
 from calibration.data import load_calibration
 from calibration.errors import CalibrationError
 from calibration.archive import check_archive
+from calibration.signature import archive_forward_signature, match_inputs
 
 from .errors import ApiError
 from .middleware import too_large_message
@@ -35,6 +36,7 @@ class DataSummary:
     n: int
     x_shape: list[int]
     has_labels: bool
+    input_names: list[str] | None = None  # the input arrays ('x', or forward-argument names); None: not known here
 
 
 def calibration_error(exc: CalibrationError) -> ApiError:
@@ -90,7 +92,24 @@ def check_data(storage: Storage, relpath: str, *, max_inflated_bytes: int | None
             data = load_calibration(path, max_inflated_bytes=max_inflated_bytes)
         except CalibrationError as exc:
             raise calibration_error(exc) from exc
-    return DataSummary(n=data.n, x_shape=[int(d) for d in data.x.shape], has_labels=data.has_labels)
+    return DataSummary(n=data.n, x_shape=[int(d) for d in data.x.shape], has_labels=data.has_labels,
+                       input_names=data.input_names)
+
+
+def check_inputs_for_model(storage: Storage, model_relpath: str, summary: DataSummary) -> None:
+    """The data's input arrays against the model's forward arguments, read from the archive's code text
+    (no torch, nothing unpickled; calibration.signature). A signature that cannot be read here is left to
+    the worker, which checks the same rule on the loaded module."""
+    if summary.input_names is None:
+        return
+    with storage.fetch_local(model_relpath) as path:
+        signature = archive_forward_signature(path)
+    if signature is None:
+        return
+    try:
+        match_inputs(signature, summary.input_names)
+    except CalibrationError as exc:
+        raise calibration_error(exc) from exc
 
 
 def check_uncertainty(storage: Storage, relpath: str) -> None:
@@ -315,6 +334,7 @@ __all__ = [
     "calibration_error",
     "check_data",
     "check_idempotency_key",
+    "check_inputs_for_model",
     "check_labels_for_risk",
     "check_model",
     "check_uncertainty",

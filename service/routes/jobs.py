@@ -25,6 +25,7 @@ from ..intake import (
     DataSummary,
     check_data,
     check_idempotency_key,
+    check_inputs_for_model,
     check_labels_for_risk,
     check_model,
     check_uncertainty,
@@ -215,6 +216,7 @@ async def create_job(
             summary = await run_in_threadpool(check_data, storage, data_path,
                                               max_inflated_bytes=settings.max_upload_bytes)
         check_labels_for_risk(cfg, summary)
+        await run_in_threadpool(check_inputs_for_model, storage, stored_model.path, summary)
 
         uncertainty_path = None
         if uncertainty is not None:
