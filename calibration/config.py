@@ -15,8 +15,8 @@ from .errors import ConfigError
 CRITERIA = ("magnitude", "mu", "obd", "random")
 DATA_CRITERIA = ("mu", "obd")  # criteria whose scores need D_tune
 SCOPES = ("global", "layerwise")
-RISKS = ("accuracy_drop", "disagreement", "error_rate")
-LABELLED_RISKS = ("accuracy_drop", "error_rate")
+RISKS = ("accuracy_drop", "disagreement", "error_rate", "token_disagreement", "token_accuracy_drop")
+LABELLED_RISKS = ("accuracy_drop", "error_rate", "token_accuracy_drop")
 BOUNDS = ("auto", "binomial", "hb", "wsr", "paired_exact")
 PROCEDURES = ("fixed_sequence", "bonferroni", "planned")
 #: D_tune share when only the planned procedure needs it (magnitude without BN): planning needs few samples
@@ -58,6 +58,7 @@ class CertifyConfig:
     obd_samples: int = 256  # per-sample gradients averaged for the Fisher diagonal
     reconstruct: bool = False  # re-fit kept weights on D_tune after masking (calibration.reconstruct)
     pattern: str | None = None  # None: unstructured; "2:4": the grid is which layers are made 2:4
+    cudnn_benchmark: bool | None = None  # None: cuDNN's autotuner only for jobs large enough (fast_eval)
     output: int | str | None = None  # the logits in a tuple/list (index) or dict (key) output; None: first tensor / 'logits'
 
     def resolved_risk(self, has_labels: bool) -> str:
@@ -210,7 +211,7 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
             if not isinstance(value, bool):
                 raise _fail(key, "true or false", value)
             kw[key] = value
-        elif key == "bn_recalibration":
+        elif key in ("bn_recalibration", "cudnn_benchmark"):
             kw[key] = _bool_or_none(key, value)
         elif key == "prune_include":
             if value is None:

@@ -23,8 +23,8 @@ from . import batchnorm
 from .config import LABELLED_RISKS, CertifyConfig, validate_config
 from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
-from .errors import CancelledError, ConfigError, ModelError, exception_summary
-from .fast_eval import Predictor, effective_precision
+from .errors import CancelledError, ConfigError, DataError, ModelError, exception_summary
+from .fast_eval import Predictor, cudnn_benchmark_rule, effective_precision
 from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, select_output
 from .masks import NestedMasks, apply_masks, restore
 from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
@@ -34,7 +34,7 @@ from .planned_sequence import PlannedSequence, plan_sequence, predict_pass
 from .planning import samples_needed
 from .procedures import get_procedure, split_delta
 from .reconstruct import Reconstructor
-from .risks import empirical_risk, per_sample_losses
+from .risks import SEQUENCE_RISKS, empirical_risk, per_sample_losses, prediction_accuracy
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
 @torch.no_grad()
 def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
                          should_stop: Callable[[], bool] | None,
-                         predictor: Predictor | None = None) -> tuple[torch.Tensor, int]:
+                         predictor: Predictor | None = None, *, sequence: bool = False) -> tuple[torch.Tensor, int]:
     """Dense predictions over all samples, checking the model's contract (logits (N, classes), finite).
 
     With ``predictor`` the dense pass runs exactly as every level's pass will (same batches, same
@@ -123,32 +123,51 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
 
     def check(xb: torch.Tensor, logits: Any) -> None:
         nonlocal n_classes
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[0] == xb.shape[0] and not sequence:
+            raise ModelError(
+                f"The model returns logits of shape {list(logits.shape)} (batch, positions, vocabulary): a sequence "
+                "model. Use risk 'token_disagreement' (no labels) or 'token_accuracy_drop' (labels (N, T)).",
+                code="model_bad_output")
+        if sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != xb.shape[0]):
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"The sequence risks need logits of shape (batch, positions, vocabulary); for a batch of {xb.shape[0]} "
+                f"the model returned {shape}.", code="model_bad_output")
+        if not sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
+                             or logits.shape[0] != xb.shape[0]):
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ModelError(
                 f"The model must return logits of shape (batch, classes); for a batch of {xb.shape[0]} it returned {shape}.",
                 code="model_bad_output",
             )
-        if logits.shape[1] < 2:
-            raise ModelError(f"The model returns {logits.shape[1]} class score(s); at least 2 are needed.",
+        if logits.shape[-1] < 2:
+            raise ModelError(f"The model returns {logits.shape[-1]} class score(s); at least 2 are needed.",
                              code="model_bad_output")
         if not torch.isfinite(logits).all():
             raise ModelError("The dense model returns NaN or infinite logits on the calibration data.",
                              code="model_output_not_finite")
-        n_classes = logits.shape[1]
+        n_classes = logits.shape[-1]
 
     preds = predictor.predict(x, should_stop, check=check, on_error=failed)
     return preds, n_classes
 
 
 def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: float, delta: float,
-                       n_cal: int, criterion: str) -> str:
+                       n_cal: int, criterion: str, bound: str | None = None) -> str:
     """The guarantee in plain words (SPEC §1), for every report."""
     what = {
         "accuracy_drop": f"its accuracy is at most {epsilon:.4g} below the dense model's (accuracy drop ≤ {epsilon:.4g})",
         "disagreement": f"its top-1 prediction differs from the dense model's on at most a {epsilon:.4g} fraction of inputs",
         "error_rate": f"its error rate is at most {epsilon:.4g}",
+        "token_disagreement": (f"the expected fraction of a sample's (unmasked) token positions where its top-1 "
+                               f"prediction differs from the dense model's is at most {epsilon:.4g}"),
+        "token_accuracy_drop": (f"the expected drop of a sample's token accuracy (over its labelled, unmasked "
+                                f"positions) below the dense model's is at most {epsilon:.4g}"),
     }[risk]
+    if risk in SEQUENCE_RISKS:
+        how = {"wsr": "a Waudby-Smith–Ramdas betting bound", "hb": "the Hoeffding–Bentkus bound (factor e)"}
+        what += (f" (a bounded per-sample loss, tested with {how.get(bound or 'wsr', bound)}, valid for "
+                 "bounded losses)")
     assumption = (f"over the draw of the {n_cal} calibration samples, assuming they are i.i.d. draws from "
                   "the distribution the model will be deployed on")
     if certified:
@@ -211,6 +230,16 @@ def _bound_note(bound: str, risk: str, epsilon: float) -> str | None:
     return None
 
 
+def expected_batch_forwards(cfg: CertifyConfig, n_cal: int, n_tune: int, use_bn: bool, n_weights: int) -> int:
+    """Batch forwards a job runs at most (every level evaluated): the dense pass on both splits, then per
+    level one pass over D_cal and, with BN re-estimation, one over D_tune. From sizes fixed before D_cal is
+    looked at; decides whether cuDNN's autotuner can pay for itself (``fast_eval.cudnn_benchmark_rule``)."""
+    bs = max(1, cfg.batch_size)
+    cal, tune = -(-n_cal // bs), -(-n_tune // bs)
+    levels = (len(cfg.sparsities) if cfg.pattern is None else n_weights + 1) * len(cfg.criterion)
+    return cal + tune + levels * (cal + (tune if use_bn else 0))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -263,7 +292,14 @@ def certify(
     risk = cfg.resolved_risk(data.has_labels)
     _labels_needed(risk, data)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":  # CUDA's own start (context, libraries), timed apart from the model's load
+        t = time.perf_counter()
+        torch.empty(1, device=device)
+        torch.cuda.synchronize(device)
+        run.timings["cuda_init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     module = load_model(model, device)
+    run.timings["model_load_s"] = time.perf_counter() - t
     discovery = discover_prunable(module, exclude_first_last=cfg.exclude_first_last, include=cfg.prune_include,
                                   exclude=cfg.prune_exclude)
     weights = discovery.weights
@@ -287,10 +323,12 @@ def certify(
     x_cal_host = gather(data.inputs, order, split.cal)
     x_tune_host = gather(data.inputs, order, split.tune)
     run.timings["load_s"] = time.perf_counter() - t0
+    expected_batches = expected_batch_forwards(cfg, int(split.cal.size), int(split.tune.size), use_bn, len(weights))
+    benchmark = cudnn_benchmark_rule(cfg.cudnn_benchmark, expected_batches, effective_precision(cfg.precision, device))
 
     with evaluation_precision(cfg.precision, device), \
             Predictor(module, cfg.batch_size, device=device, precision=cfg.precision,
-                      output=cfg.output) as predictor:
+                      cudnn_benchmark=benchmark, output=cfg.output) as predictor:
         # How inputs are evaluated is fixed from D_tune, never from D_cal's values (SPEC §1): the resident
         # dtype (bf16/fp16 halve D_cal's memory; fp32 unchanged) is decided on D_tune, D_tune is rounded the
         # same way (BN statistics and scores see inputs rounded like D_cal's), and the memory layout is timed
@@ -298,10 +336,13 @@ def certify(
         # holds D_cal's fp32 copy.
         predictor.decide_resident(x_tune_host if x_tune_host.shape[0] else None,
                                   None if isinstance(x_cal_host, ModelInputs) else x_cal_host.dtype)
+        t = time.perf_counter()
         x_tune = predictor.rounded(x_tune_host).to(device)
         del x_tune_host
         x_cal = predictor.resident(x_cal_host).to(device)
         del x_cal_host
+        run.timings["inputs_to_device_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if device.type == "cuda" and x_cal.dim() == 4 and x_cal.is_floating_point():
             rows = min(cfg.batch_size, x_cal.shape[0])
             if x_tune.shape[0] >= rows:
@@ -309,11 +350,16 @@ def certify(
             else:
                 synthetic = torch.randn((rows, *x_cal.shape[1:]), device=device).to(x_cal.dtype)
                 predictor.choose_layout(synthetic, "synthetic tensor of the batch shape")
+            torch.cuda.synchronize(device)
+        run.timings["layout_s"] = time.perf_counter() - t
         # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
         t = time.perf_counter()
         run.report("dense", 0, 1, "dense predictions")
-        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop, predictor)
-        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop, predictor)[0]
+        sequence = risk in SEQUENCE_RISKS  # (N, T, V) logits; the dense top-1 per position is all that is kept
+        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop, predictor,
+                                                    sequence=sequence)
+        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop, predictor,
+                                           sequence=sequence)[0]
                       if x_tune.shape[0] else torch.empty(0, dtype=torch.int64, device=device))
         check_labels(data.y, n_classes)
         y_cal = data.y[split.cal] if data.y is not None else None
@@ -321,8 +367,17 @@ def certify(
         dense_tune_np = dense_tune.cpu().numpy()
         y_tune_np = data.y[split.tune] if data.y is not None else None
         dense_cal_np = dense_cal.cpu().numpy()
-        dense_accuracy = float(np.mean(dense_cal_np == y_cal)) if y_cal is not None else None
+        mask_cal = data.inputs["attention_mask"][split.cal] if sequence and "attention_mask" in data.inputs else None
+        if sequence and dense_cal_np.ndim != 2:
+            raise ModelError("The sequence risks need logits of shape (batch, positions, vocabulary).",
+                             code="model_bad_output")
+        if y_cal is not None and y_cal.ndim != dense_cal_np.ndim:
+            raise DataError(f"'y' has shape {list(data.y.shape)} but the model predicts {list(dense_cal_np.shape[1:]) or 'one class'} "
+                            "per sample: labels (N,) for a classifier, (N, T) for a sequence model.",
+                            code="data_bad_labels")
+        dense_accuracy = prediction_accuracy(dense_cal_np, y_cal, mask_cal) if y_cal is not None else None
         run.timings["dense_s"] = time.perf_counter() - t
+        run.timings["dense_setup_s"] = predictor.setup_s  # of dense_s: first-forward warm-ups, graph capture
 
         params = [w.param for w in weights]
         originals = [p.detach().clone() for p in params]
@@ -442,8 +497,8 @@ def certify(
                         build_candidate(masks, name, j, sparsity)
                         pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
                         if y_cal is not None:
-                            tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
-                    losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
+                            tested_accuracy[(name, j)] = prediction_accuracy(pruned, y_cal, mask_cal)
+                    losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal, mask_cal)
                     p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
                     risk_hat = float(empirical_risk(losses))
                     ucb = float(upper_confidence_bound(bound, risk, losses, alpha, epsilon=cfg.epsilon))
@@ -467,6 +522,7 @@ def certify(
             restore(params, originals)
             batchnorm.load_snapshot(module, bn_dense)
         run.timings["testing_s"] = time.perf_counter() - t
+        run.timings["testing_setup_s"] = predictor.setup_s - run.timings["dense_setup_s"]  # new shapes' warm-ups
 
         # The winner: the largest certified sparsity (ties → the first criterion listed).
         best = max(per_criterion, key=lambda c: c["certified_sparsity"])
@@ -520,7 +576,7 @@ def certify(
         "device": device.type,
         "precision": precision,
         "precision_requested": cfg.precision,
-        "evaluator": predictor.describe(),
+        "evaluator": {**predictor.describe(), "expected_batches": expected_batches},
         "levels_evaluated": evaluated_levels,
         "levels_evaluated_tune": tune_levels_evaluated,  # planned procedure: levels D_tune evaluated to plan
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
@@ -529,7 +585,7 @@ def certify(
         "pattern": cfg.pattern,
         "pattern_layers": ([weights[i].name for i in masks.made_two_four(certified_sparsity)]
                            if isinstance(masks, PatternMasks) else None),
-        "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
+        "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk, bound=bound,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
                                         criterion=_method_label(
                                             best["criterion"], cfg,
@@ -555,4 +611,4 @@ def certify(
     return Certificate(result=result, timings=run.timings)
 
 
-__all__ = ["Certificate", "Progress", "certify", "guarantee_sentence", "predict"]
+__all__ = ["Certificate", "Progress", "certify", "expected_batch_forwards", "guarantee_sentence", "predict"]

@@ -11,9 +11,10 @@ recapture. ``tests/calibration/test_fast_eval.py`` checks this on the device.
 Levers, all on CUDA only (on the CPU, :class:`Predictor` is exactly the engine's historical
 ``predict`` loop, batch by batch, so results are bit-identical there):
 
-- ``torch.backends.cudnn.benchmark`` on while the predictor lives (restored afterwards):
-  the fastest convolution algorithm per shape; with tf32 off (fp32, the default) cuDNN only
-  considers exact-fp32 algorithms.
+- ``torch.backends.cudnn.benchmark`` (cuDNN's autotuner) only where the job is large enough to
+  amortise it (:func:`cudnn_benchmark_rule`; set for the predictor's life, restored afterwards).
+  On an H200 it cost ≈ 26 s per fp32 ResNet-50 job (n = 2000, 224×224) for ≈ 3 % of the testing
+  phase (≈ 7 s for ≈ 15 % at 112×112), and nothing in bf16: off unless the job runs thousands of batches.
 - CUDA-graph capture of the forward for the full-batch shape, after warm-up runs on a side
   stream (TorchScript's profiling executor optimises and compiles fusion groups during the
   first runs; they must not happen during capture). The graph is validated once against the
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -60,6 +62,28 @@ _FP16_MAX = 65504.0
 
 class _NotCapturable(RuntimeError):
     pass
+
+
+# cuDNN's autotuner (``cudnn.benchmark``): what it cost and bought, fp32 ResNet-50 on an H200, measured
+# (bench/job_cost.py, bench/NOTES_gpu.md): at 224×224 ≈ 26 s of tuning (≈ 200 forwards of a 500-row batch)
+# for ≈ 3 % off the levels; at 112×112 ≈ 7 s (≈ 150 batch forwards) for ≈ 15 %. In bf16 it bought nothing
+# (the levels ran slower with it). Rule: tuning ≈ 200 batch forwards, gain 10 % (between the two) → on from
+# ≈ 2,000 batch forwards in fp32/tf32 (n ≈ 50,000 over 20 levels at batch 500), never in bf16/fp16 by itself.
+AUTOTUNE_COST_BATCHES = 200.0
+AUTOTUNE_GAIN = {"fp32": 0.10, "tf32": 0.10, "bf16": 0.0, "fp16": 0.0}
+
+
+def cudnn_benchmark_rule(requested: bool | None, expected_batches: int, precision: str = "fp32") -> bool:
+    """Whether to run cuDNN's autotuner for a job that will run ``expected_batches`` batch forwards.
+
+    ``requested`` (the config's ``cudnn_benchmark``) wins when set. Otherwise (auto): on only where the
+    expected saving, ``expected_batches × gain(precision)``, exceeds the tuning's own cost of about
+    ``AUTOTUNE_COST_BATCHES`` forwards. Decided from counts fixed before D_cal is looked at.
+    """
+    if requested is not None:
+        return bool(requested)
+    gain = AUTOTUNE_GAIN.get(precision, 0.0)
+    return gain > 0 and expected_batches * gain > AUTOTUNE_COST_BATCHES
 
 
 def _integer_valued(x: torch.Tensor, rows: int = 1024) -> bool:
@@ -102,8 +126,8 @@ def effective_precision(precision: str, device: torch.device) -> str:
 class Predictor:
     """Top-1 predictions of ``module`` (evaluated as it is *now*) over a resident tensor.
 
-    Use as a context manager around the whole evaluation (it turns ``cudnn.benchmark`` on and
-    restores it, and frees the captured graph on exit)::
+    Use as a context manager around the whole evaluation (it sets ``cudnn.benchmark`` to
+    ``cudnn_benchmark`` and restores it, and frees the captured graph on exit)::
 
         with Predictor(module, 512, device=device, precision="fp32") as predictor:
             x = predictor.resident(x)
@@ -122,6 +146,7 @@ class Predictor:
         cuda_graph: bool | None = None,
         channels_last: bool | None = None,
         warmup: int = 3,
+        cudnn_benchmark: bool = False,
         output: int | str | None = None,
     ) -> None:
         if batch_size < 1:
@@ -154,13 +179,15 @@ class Predictor:
         self.resident_decided_from: str | None = None  # "tuning split" | "input dtype (no tuning split)"
         self.layout_decided_from: str | None = None
         self._old_benchmark: bool | None = None
+        self.cudnn_benchmark = bool(cudnn_benchmark) and self.is_cuda
+        self.setup_s = 0.0  # host seconds in first-forward warm-ups and graph captures (synchronised)
 
     # ------------------------------------------------------------------ lifetime
 
     def __enter__(self) -> "Predictor":
         if self.is_cuda:
             self._old_benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -193,7 +220,8 @@ class Predictor:
             "resident_dtype_from": self.resident_decided_from,
             "layout": ("channels_last" if self.channels_last else "nchw") if self.is_cuda else None,
             "layout_from": self.layout_decided_from,
-            "cudnn_benchmark": self.is_cuda,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "setup_s": round(self.setup_s, 4),
             "warmup_runs": self.warmup if self.is_cuda else 0,
         }
 
@@ -314,7 +342,7 @@ class Predictor:
             if not isinstance(static_logits, torch.Tensor):
                 raise RuntimeError(f"the captured forward returned {type(static_logits).__name__}, not a tensor")
             graph.replay()
-            if not torch.equal(static_logits.argmax(dim=1), reference.argmax(dim=1)):
+            if not torch.equal(static_logits.argmax(dim=-1), reference.argmax(dim=-1)):
                 raise RuntimeError("the replayed graph's predictions differ from the eager forward's")
         except Exception as exc:  # fall back to eager, say why
             text = str(exc).strip()
@@ -375,6 +403,7 @@ class Predictor:
             self._choose_format(xb, check, on_error)
         key = self._key(xb)
         if key not in self._warmed:
+            t_setup = time.perf_counter()
             # First batch of this shape: check the model's contract on the first forward, then
             # warm up (TorchScript profiles and optimises during the first runs) so that every
             # batch that counts — of the dense pass and of every level — runs the same optimised
@@ -383,13 +412,15 @@ class Predictor:
             if check is not None:
                 check(xb, first)
             graphable = (self.use_graph and xb.shape[0] == self.batch_size and not self.module.training
-                         and self._graph is None and isinstance(first, torch.Tensor) and first.dim() == 2)
+                         and self._graph is None and isinstance(first, torch.Tensor) and first.dim() in (2, 3))
             if graphable:
                 self._capture(xb)
             else:
                 for _ in range(self.warmup - 1):
                     self._eager(xb, on_error)
             self._warmed.add(key)
+            torch.cuda.synchronize(self.device)
+            self.setup_s += time.perf_counter() - t_setup
         if self._graph is not None and self._graph_key == key:
             self._static_x.copy_(xb)  # type: ignore[union-attr]
             self._graph.replay()
@@ -429,16 +460,18 @@ class Predictor:
             for _, xb, logits in self.logits_batches(x, should_stop, on_error, check):
                 if check is not None:
                     check(xb, logits)
-                out.append(logits.argmax(dim=1))
+                out.append(logits.argmax(dim=-1))  # (N,) for (N, classes); (N, T) for (N, T, V) logits
             return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=x.device)
-        preds = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        preds: torch.Tensor | None = None  # allocated on the first batch: (n,) or (n, T) per-position top-1
         for start, xb, logits in self.logits_batches(x, should_stop, on_error, check):
             if check is not None:
                 check(xb, logits)
-            preds[start:start + xb.shape[0]] = logits.argmax(dim=1)
-        return preds
+            if preds is None:
+                preds = torch.empty((x.shape[0], *logits.shape[1:-1]), dtype=torch.int64, device=x.device)
+            preds[start:start + xb.shape[0]] = logits.argmax(dim=-1)
+        return preds if preds is not None else torch.empty(0, dtype=torch.int64, device=x.device)
 
     __call__ = predict
 
 
-__all__ = ["Predictor", "effective_precision", "resident_dtype_rule"]
+__all__ = ["Predictor", "cudnn_benchmark_rule", "effective_precision", "resident_dtype_rule"]

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 ARTIFACT_NAME = "artifact.pt"
@@ -36,6 +37,7 @@ def _stream_artifact(path: str, fd: int) -> None:
 
 
 def main() -> int:
+    started = time.time()  # before any import of ours: with the request's spawned_at, the process's start
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import sandbox
     from .failures import classify_failure
@@ -52,13 +54,22 @@ def main() -> int:
               message=p.message or None)
 
     try:
+        t = time.perf_counter()
         from calibration import certify
+        from calibration import engine  # noqa: F401  (torch and the science: timed as the job's imports)
         from .jsonable import jsonable
+        imports_s = time.perf_counter() - t
 
         artifact = os.path.join(out_dir, ARTIFACT_NAME)
         cert = certify(request["model"], request["data"], dict(request["config"]), out=artifact,
                        uncertainty=request.get("uncertainty"), progress=progress)
         result = jsonable(cert.to_dict())
+        # The process's own fixed costs, beside the engine's stages (wall clock of the spawn: a rough number).
+        fixed = {"imports_s": round(imports_s, 4)}
+        spawned_at = request.get("spawned_at")
+        if isinstance(spawned_at, (int, float)) and 0 <= started - spawned_at < 3600:
+            fixed["child_start_s"] = round(started - spawned_at, 4)
+        result["timings"] = {**fixed, **(result.get("timings") or {})}
         size = os.path.getsize(artifact)
         _send(events, event="result", result=result, artifact_bytes=size)
         _stream_artifact(artifact, int(request["artifact_fd"]))

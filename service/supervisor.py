@@ -284,7 +284,8 @@ def run_child(spec: ChildSpec, *, on_progress: Callable[[str, int, int, str | No
         out_dir, uid = str(out), None
     request = {"model": paths["model.pt"], "data": paths[next(n for n in staged if n.startswith("data"))],
                "uncertainty": paths.get("uncertainty.safetensors"), "config": spec.config,
-               "limits": asdict(spec.limits), "out_dir": out_dir, "events_fd": events_w, "artifact_fd": artifact_w}
+               "limits": asdict(spec.limits), "out_dir": out_dir, "events_fd": events_w, "artifact_fd": artifact_w,
+               "spawned_at": time.time()}
 
     def preexec() -> None:
         isolation.drop_to(uid)

@@ -116,8 +116,8 @@ def test_cuda_graph_replays_see_in_place_masks_and_bn_updates() -> None:
     old = torch.backends.cudnn.benchmark
     # NCHW on both sides so that the historical eager loop runs the very same kernels.
     with evaluation_precision("fp32", torch.device("cuda")), \
-            Predictor(module, 128, device="cuda", channels_last=False) as graphed:
-        assert torch.backends.cudnn.benchmark is True
+            Predictor(module, 128, device="cuda", channels_last=False, cudnn_benchmark=True) as graphed:
+        assert torch.backends.cudnn.benchmark is True  # as asked, restored on exit (checked below)
         eager = Predictor(module, 128, device="cuda", cuda_graph=False, channels_last=False)
         for s in (0.0, 0.2, 0.5, 0.8, 0.97):
             apply_masks(params, originals, masks.keep_masks(s))
