@@ -146,22 +146,15 @@ def test_planning_tests_far_fewer_levels_and_certifies_as_much_on_a_monotone_cur
         tune = _draw_losses(rng, risks, 500)
         cal = _draw_losses(rng, risks, 2000)
         plan = plan_sequence(100, lambda j: predict_pass("binomial", "error_rate", tune[:, j], 2000, EPS, DELTA))
-        last, n = None, 0
-        for j in plan.sequence:
-            n += 1
-            if _binomial_p(cal[:, j]) > DELTA:
-                break
-            last = j
-        planned.append(-1 if last is None else last)
-        planned_tested.append(n)
-        last, n = None, 0
-        for j in range(100):
-            n += 1
-            if _binomial_p(cal[:, j]) > DELTA:
-                break
-            last = j
-        full.append(-1 if last is None else last)
-        full_tested.append(n)
+        for sequence, certified, tested in ((plan.sequence, planned, planned_tested), (range(100), full, full_tested)):
+            last, n = -1, 0
+            for j in sequence:  # fixed-sequence testing, written out: stop at the first p > δ
+                n += 1
+                if _binomial_p(cal[:, j]) > DELTA:
+                    break
+                last = j
+            certified.append(last)
+            tested.append(n)
     assert np.median(planned) >= np.median(full) - 1
     assert np.mean(full_tested) >= 3 * np.mean(planned_tested), (np.mean(full_tested), np.mean(planned_tested))
 
