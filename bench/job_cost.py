@@ -15,8 +15,14 @@ Model: torchvision ResNet-50 (random weights, BatchNorm statistics from the data
 ``bench/_models.calibrate``), scripted; n random samples at ``--size``² (labels: dense predictions with
 5 % noise), a 20-level grid with the full curve (every level evaluated), batch 500.
 
-    python bench/job_cost.py --device cuda --size 112 --n 2000 --variants new_fp32,old_fp32 --out DIR
-    python bench/job_cost.py --device cpu --model digits ...   (see README: the digits example)
+    python bench/job_cost.py --device cuda --size 112 --n 2000 --variants new_fp32,old_fp32 \
+        --old-tree OLD --out DIR        # OLD: e.g. mkdir OLD && git archive <rev> calibration service | tar -x -C OLD
+    python bench/job_cost.py --device cpu --arch tiny --size 32 --n 400 --variants new_fp32,naive_fp32
+                                        # a torchvision-free smoke test on a CPU (about a minute)
+
+On the H200 (bench/NOTES_gpu.md) the wheels the device lacks (fastapi 0.165 needs opentelemetry-api too)
+were carried in the ignored folder .gpu/wheels and installed with pip --target; the sandbox's bwrap came
+from .gpu/bin.
 
 Variants: ``new_<prec>[_on|_off]`` (this tree; cudnn_benchmark auto unless _on/_off), ``old_<prec>`` (a
 server started from ``--old-tree``, the code before this change, which always autotuned), ``naive_<prec>``.
