@@ -15,8 +15,8 @@ from .errors import ConfigError
 CRITERIA = ("magnitude", "mu", "obd", "random")
 DATA_CRITERIA = ("mu", "obd")  # criteria whose scores need D_tune
 SCOPES = ("global", "layerwise")
-RISKS = ("accuracy_drop", "disagreement", "error_rate")
-LABELLED_RISKS = ("accuracy_drop", "error_rate")
+RISKS = ("accuracy_drop", "disagreement", "error_rate", "token_disagreement", "token_accuracy_drop")
+LABELLED_RISKS = ("accuracy_drop", "error_rate", "token_accuracy_drop")
 BOUNDS = ("auto", "binomial", "hb", "wsr", "paired_exact")
 PROCEDURES = ("fixed_sequence", "bonferroni", "planned")
 #: D_tune share when only the planned procedure needs it (magnitude without BN): planning needs few samples

@@ -260,8 +260,9 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
     if y is not None:
         if y.dtype == object or y.dtype.kind not in "biuf":
             raise DataError(f"'y' must hold integer class labels; got dtype {y.dtype}.", code="data_bad_labels")
-        if y.ndim != 1:
-            raise DataError(f"'y' must have shape (n_samples,); got shape {list(y.shape)}.", code="data_bad_labels")
+        if y.ndim not in (1, 2):
+            raise DataError(f"'y' must have shape (n_samples,), or (n_samples, T) with a label per position for a "
+                            f"sequence model; got shape {list(y.shape)}.", code="data_bad_labels")
         if y.shape[0] != n:
             raise DataError(f"{first!r} has {n} samples but 'y' has {y.shape[0]} labels; they must match.",
                             code="data_length_mismatch")
@@ -270,8 +271,11 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
                 raise DataError("'y' must hold integer class labels; it contains non-integer values.",
                                 code="data_bad_labels")
         y = y.astype(np.int64)
-        if (y < 0).any():
-            raise DataError(f"Labels must be ≥ 0; found {int(y.min())}.", code="data_labels_out_of_range")
+        # Per-position labels (n_samples, T) may mark a position ignored with -100 (Hugging Face's convention).
+        negative = (y < 0) & (y != -100) if y.ndim == 2 else y < 0
+        if negative.any():
+            raise DataError(f"Labels must be ≥ 0{' (or -100: ignored position)' if y.ndim == 2 else ''}; found "
+                            f"{int(y[negative].min())}.", code="data_labels_out_of_range")
     return CalibrationSet(x=x, y=y, inputs=inputs)
 
 

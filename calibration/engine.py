@@ -23,7 +23,7 @@ from . import batchnorm
 from .config import LABELLED_RISKS, CertifyConfig, validate_config
 from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
-from .errors import CancelledError, ConfigError, ModelError, exception_summary
+from .errors import CancelledError, ConfigError, DataError, ModelError, exception_summary
 from .fast_eval import Predictor, cudnn_benchmark_rule, effective_precision
 from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, select_output
 from .masks import NestedMasks, apply_masks, restore
@@ -34,7 +34,7 @@ from .planned_sequence import PlannedSequence, plan_sequence, predict_pass
 from .planning import samples_needed
 from .procedures import get_procedure, split_delta
 from .reconstruct import Reconstructor
-from .risks import empirical_risk, per_sample_losses
+from .risks import SEQUENCE_RISKS, empirical_risk, per_sample_losses, prediction_accuracy
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
 @torch.no_grad()
 def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
                          should_stop: Callable[[], bool] | None,
-                         predictor: Predictor | None = None) -> tuple[torch.Tensor, int]:
+                         predictor: Predictor | None = None, *, sequence: bool = False) -> tuple[torch.Tensor, int]:
     """Dense predictions over all samples, checking the model's contract (logits (N, classes), finite).
 
     With ``predictor`` the dense pass runs exactly as every level's pass will (same batches, same
@@ -123,32 +123,51 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
 
     def check(xb: torch.Tensor, logits: Any) -> None:
         nonlocal n_classes
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != xb.shape[0]:
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[0] == xb.shape[0] and not sequence:
+            raise ModelError(
+                f"The model returns logits of shape {list(logits.shape)} (batch, positions, vocabulary): a sequence "
+                "model. Use risk 'token_disagreement' (no labels) or 'token_accuracy_drop' (labels (N, T)).",
+                code="model_bad_output")
+        if sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != xb.shape[0]):
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelError(
+                f"The sequence risks need logits of shape (batch, positions, vocabulary); for a batch of {xb.shape[0]} "
+                f"the model returned {shape}.", code="model_bad_output")
+        if not sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
+                             or logits.shape[0] != xb.shape[0]):
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ModelError(
                 f"The model must return logits of shape (batch, classes); for a batch of {xb.shape[0]} it returned {shape}.",
                 code="model_bad_output",
             )
-        if logits.shape[1] < 2:
-            raise ModelError(f"The model returns {logits.shape[1]} class score(s); at least 2 are needed.",
+        if logits.shape[-1] < 2:
+            raise ModelError(f"The model returns {logits.shape[-1]} class score(s); at least 2 are needed.",
                              code="model_bad_output")
         if not torch.isfinite(logits).all():
             raise ModelError("The dense model returns NaN or infinite logits on the calibration data.",
                              code="model_output_not_finite")
-        n_classes = logits.shape[1]
+        n_classes = logits.shape[-1]
 
     preds = predictor.predict(x, should_stop, check=check, on_error=failed)
     return preds, n_classes
 
 
 def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: float, delta: float,
-                       n_cal: int, criterion: str) -> str:
+                       n_cal: int, criterion: str, bound: str | None = None) -> str:
     """The guarantee in plain words (SPEC §1), for every report."""
     what = {
         "accuracy_drop": f"its accuracy is at most {epsilon:.4g} below the dense model's (accuracy drop ≤ {epsilon:.4g})",
         "disagreement": f"its top-1 prediction differs from the dense model's on at most a {epsilon:.4g} fraction of inputs",
         "error_rate": f"its error rate is at most {epsilon:.4g}",
+        "token_disagreement": (f"the expected fraction of a sample's (unmasked) token positions where its top-1 "
+                               f"prediction differs from the dense model's is at most {epsilon:.4g}"),
+        "token_accuracy_drop": (f"the expected drop of a sample's token accuracy (over its labelled, unmasked "
+                                f"positions) below the dense model's is at most {epsilon:.4g}"),
     }[risk]
+    if risk in SEQUENCE_RISKS:
+        how = {"wsr": "a Waudby-Smith–Ramdas betting bound", "hb": "the Hoeffding–Bentkus bound (factor e)"}
+        what += (f" (a bounded per-sample loss, tested with {how.get(bound or 'wsr', bound)}, valid for "
+                 "bounded losses)")
     assumption = (f"over the draw of the {n_cal} calibration samples, assuming they are i.i.d. draws from "
                   "the distribution the model will be deployed on")
     if certified:
@@ -336,8 +355,11 @@ def certify(
         # Dense predictions once. The model's contract is checked on D_cal and D_tune alike.
         t = time.perf_counter()
         run.report("dense", 0, 1, "dense predictions")
-        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop, predictor)
-        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop, predictor)[0]
+        sequence = risk in SEQUENCE_RISKS  # (N, T, V) logits; the dense top-1 per position is all that is kept
+        dense_cal, n_classes = dense_logits_checked(module, x_cal, cfg.batch_size, should_stop, predictor,
+                                                    sequence=sequence)
+        dense_tune = (dense_logits_checked(module, x_tune, cfg.batch_size, should_stop, predictor,
+                                           sequence=sequence)[0]
                       if x_tune.shape[0] else torch.empty(0, dtype=torch.int64, device=device))
         check_labels(data.y, n_classes)
         y_cal = data.y[split.cal] if data.y is not None else None
@@ -345,7 +367,16 @@ def certify(
         dense_tune_np = dense_tune.cpu().numpy()
         y_tune_np = data.y[split.tune] if data.y is not None else None
         dense_cal_np = dense_cal.cpu().numpy()
-        dense_accuracy = float(np.mean(dense_cal_np == y_cal)) if y_cal is not None else None
+        mask_cal = data.inputs["attention_mask"][split.cal] if sequence and "attention_mask" in data.inputs else None
+        if sequence and dense_cal_np.ndim != 2:
+            raise ModelError("The sequence risks need logits of shape (batch, positions, vocabulary).",
+                             code="model_bad_output")
+        if y_cal is not None and y_cal.ndim != dense_cal_np.ndim:
+            per_sample = list(dense_cal_np.shape[1:]) or "one class"
+            raise DataError(f"'y' has shape {list(data.y.shape)} but the model predicts {per_sample} "
+                            "per sample: labels (N,) for a classifier, (N, T) for a sequence model.",
+                            code="data_bad_labels")
+        dense_accuracy = prediction_accuracy(dense_cal_np, y_cal, mask_cal) if y_cal is not None else None
         run.timings["dense_s"] = time.perf_counter() - t
         run.timings["dense_setup_s"] = predictor.setup_s  # of dense_s: first-forward warm-ups, graph capture
 
@@ -467,8 +498,8 @@ def certify(
                         build_candidate(masks, name, j, sparsity)
                         pruned = predictor.predict(x_cal, should_stop).cpu().numpy()
                         if y_cal is not None:
-                            tested_accuracy[(name, j)] = float(np.mean(pruned == y_cal))
-                    losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal)
+                            tested_accuracy[(name, j)] = prediction_accuracy(pruned, y_cal, mask_cal)
+                    losses = per_sample_losses(risk, pruned, dense_cal_np, y_cal, mask_cal)
                     p = float(p_value(bound, risk, losses, cfg.epsilon, alpha=alpha))
                     risk_hat = float(empirical_risk(losses))
                     ucb = float(upper_confidence_bound(bound, risk, losses, alpha, epsilon=cfg.epsilon))
@@ -555,7 +586,7 @@ def certify(
         "pattern": cfg.pattern,
         "pattern_layers": ([weights[i].name for i in masks.made_two_four(certified_sparsity)]
                            if isinstance(masks, PatternMasks) else None),
-        "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk,
+        "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk, bound=bound,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
                                         criterion=_method_label(
                                             best["criterion"], cfg,

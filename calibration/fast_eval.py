@@ -146,8 +146,8 @@ class Predictor:
         cuda_graph: bool | None = None,
         channels_last: bool | None = None,
         warmup: int = 3,
-        output: int | str | None = None,
         cudnn_benchmark: bool = False,
+        output: int | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -342,7 +342,7 @@ class Predictor:
             if not isinstance(static_logits, torch.Tensor):
                 raise RuntimeError(f"the captured forward returned {type(static_logits).__name__}, not a tensor")
             graph.replay()
-            if not torch.equal(static_logits.argmax(dim=1), reference.argmax(dim=1)):
+            if not torch.equal(static_logits.argmax(dim=-1), reference.argmax(dim=-1)):
                 raise RuntimeError("the replayed graph's predictions differ from the eager forward's")
         except Exception as exc:  # fall back to eager, say why
             text = str(exc).strip()
@@ -412,7 +412,7 @@ class Predictor:
             if check is not None:
                 check(xb, first)
             graphable = (self.use_graph and xb.shape[0] == self.batch_size and not self.module.training
-                         and self._graph is None and isinstance(first, torch.Tensor) and first.dim() == 2)
+                         and self._graph is None and isinstance(first, torch.Tensor) and first.dim() in (2, 3))
             if graphable:
                 self._capture(xb)
             else:
@@ -460,14 +460,16 @@ class Predictor:
             for _, xb, logits in self.logits_batches(x, should_stop, on_error, check):
                 if check is not None:
                     check(xb, logits)
-                out.append(logits.argmax(dim=1))
+                out.append(logits.argmax(dim=-1))  # (N,) for (N, classes); (N, T) for (N, T, V) logits
             return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=x.device)
-        preds = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        preds: torch.Tensor | None = None  # allocated on the first batch: (n,) or (n, T) per-position top-1
         for start, xb, logits in self.logits_batches(x, should_stop, on_error, check):
             if check is not None:
                 check(xb, logits)
-            preds[start:start + xb.shape[0]] = logits.argmax(dim=1)
-        return preds
+            if preds is None:
+                preds = torch.empty((x.shape[0], *logits.shape[1:-1]), dtype=torch.int64, device=x.device)
+            preds[start:start + xb.shape[0]] = logits.argmax(dim=-1)
+        return preds if preds is not None else torch.empty(0, dtype=torch.int64, device=x.device)
 
     __call__ = predict
 

@@ -38,12 +38,13 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from scipy import special
 
 from .errors import ConfigError, DataError
-from .risks import LOSS_VALUES, check_risk
+from .risks import LOSS_VALUES, SEQUENCE_RISKS, check_risk
 
 BOUNDS: tuple[str, ...] = ("auto", "binomial", "hb", "wsr", "paired_exact")
 CONCRETE_BOUNDS: tuple[str, ...] = ("binomial", "hb", "wsr", "paired_exact")
@@ -98,6 +99,14 @@ def resolve_bound(bound: str, risk: str) -> str:
     """
     check_bound(bound)
     check_risk(risk)
+    if risk in SEQUENCE_RISKS:  # bounded, not 0/1, losses: only tests valid for bounded losses
+        if bound == "auto":
+            return "wsr"
+        if bound not in ("wsr", "hb"):
+            raise ConfigError(f"The risk {risk!r} has bounded per-sample losses (fractions of positions), not 0/1 "
+                              f"ones: the {bound!r} bound is not valid for them; use 'wsr' (default) or 'hb'.",
+                              code="bound_not_valid_for_risk")
+        return bound
     if bound == "auto":
         return "paired_exact" if risk in PAIRED_RISKS else "binomial"
     if bound == "paired_exact" and risk not in PAIRED_RISKS:
@@ -245,6 +254,59 @@ def wsr_p_value(
     return float(wsr_p_value_batch(x[None, :], epsilon, delta_ref=delta_ref, c=c)[0])
 
 
+# ----------------------------------------------------------------------------- bounded (sequence) losses
+
+
+def _bounded01(risk: str, losses: np.ndarray) -> np.ndarray:
+    """A sequence risk's float losses mapped affinely onto [0, 1] (token_accuracy_drop: (D + 1)/2)."""
+    lo, hi = SEQUENCE_RISKS[risk]
+    arr = np.asarray(losses, dtype=np.float64)
+    if arr.ndim != 1:
+        raise DataError(f"losses must have shape (n_samples,). Got {arr.shape}.")
+    if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < lo or arr.max() > hi):
+        raise DataError(f"Losses for {risk!r} must lie in [{lo:g}, {hi:g}].")
+    return (arr - lo) / (hi - lo)
+
+
+def _bounded_test_level(risk: str, epsilon: float) -> float:
+    lo, hi = SEQUENCE_RISKS[risk]
+    return (epsilon - lo) / (hi - lo)
+
+
+def _exact_total(x01: np.ndarray) -> Fraction:
+    """Σ x_i exactly: every loss is j/m (or (j + m)/2m) with m ≤ 2^16 positions, recovered from its float."""
+    values, counts = np.unique(x01, return_counts=True)
+    total = Fraction(0)
+    for v, c in zip(values, counts):
+        exact = Fraction(float(v)).limit_denominator(1 << 17)
+        if abs(float(exact) - float(v)) > 4 * np.spacing(float(v)):  # not j/m with m ≤ 2^17: round up
+            exact = Fraction(float(v)) + Fraction(1, 1 << 50)
+        total += exact * int(c)
+    return total
+
+
+def hb_p_value_bounded(x01: np.ndarray, epsilon: float) -> float:
+    """Hoeffding–Bentkus p-value for H: E[L] ≥ ε, L_i ∈ [0, 1] not 0/1 (Bates et al. 2021, Prop. 3):
+    min(exp(−n·h1(min(r̂, ε), ε)), e·P(Bin(n, ε) ≤ ⌈n r̂⌉)), n r̂ summed exactly (``_exact_total``)."""
+    eps = _level("epsilon", epsilon)
+    n = int(x01.shape[0])
+    if n == 0:
+        return 1.0
+    total = _exact_total(x01)
+    r_hat = float(total / n)
+    hoeffding = math.exp(-n * _h1(min(r_hat, eps), eps))
+    k_ceil = -((-total.numerator) // total.denominator)
+    return float(min(1.0, hoeffding, math.e * _binom_cdf(k_ceil, n, eps)))
+
+
+def _bounded_p(bound: str, x01: np.ndarray, eps_test: float, alpha: float | None) -> float:
+    if x01.shape[0] == 0:
+        return 1.0
+    if bound == "hb":
+        return hb_p_value_bounded(x01, eps_test)
+    return wsr_p_value(x01, eps_test, delta_ref=alpha if alpha is not None else WSR_DELTA_REF)
+
+
 # ----------------------------------------------------------------------------- front door
 
 
@@ -346,6 +408,8 @@ def p_value(bound: str, risk: str, losses: np.ndarray, epsilon: float, *, alpha:
     b = resolve_bound(bound, risk)
     eps = _level("epsilon", epsilon)
     a = _alpha_for(b, alpha)
+    if risk in SEQUENCE_RISKS:
+        return _bounded_p(b, _bounded01(risk, losses), _bounded_test_level(risk, eps), a)
     s = _prepare(b, risk, losses)
     return _p_on_test_scale(s, _test_level(b, risk, eps), a)
 
@@ -372,6 +436,18 @@ def upper_confidence_bound(
     """
     b = resolve_bound(bound, risk)
     a = _level("alpha", alpha)
+    if risk in SEQUENCE_RISKS:
+        x01 = _bounded01(risk, losses)
+        lo, hi = 0.0, 1.0
+        if x01.shape[0] > 0:
+            while hi - lo > tol:
+                mid = 0.5 * (lo + hi)
+                if _bounded_p(b, x01, mid, a) <= a:
+                    hi = mid
+                else:
+                    lo = mid
+        low, high = SEQUENCE_RISKS[risk]
+        return low + (high - low) * hi
     s = _prepare(b, risk, losses)
     if b == "paired_exact":
         from .paired_test import paired_exact_upper_bound

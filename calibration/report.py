@@ -68,6 +68,8 @@ RISK_LABELS = {
     "accuracy_drop": "accuracy drop (dense − pruned)",
     "disagreement": "disagreement with the dense model",
     "error_rate": "error rate",
+    "token_disagreement": "fraction of token positions whose top-1 differs from the dense model's",
+    "token_accuracy_drop": "token accuracy drop (dense − pruned)",
 }
 #: Series colours: matplotlib's default cycle, so the PNG and the page's SVG colour criteria alike.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")

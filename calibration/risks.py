@@ -10,6 +10,18 @@ sets", arXiv 2101.02703).
 - ``disagreement`` (no labels): A_i = 1[ŷ_λ ≠ ŷ_0] ∈ {0, 1}. D_i ≤ A_i for every label, so
   a bound on E[A] bounds the accuracy drop without labels.
 - ``error_rate`` (labels needed): E_i = 1[ŷ_λ ≠ y_i] ∈ {0, 1}.
+
+Sequence risks (logits (N, T, V): a prediction per position; issue 13 item 3). Positions count where
+the mask is on (the ``attention_mask`` input array, if the data has one) and the label is not −100
+(when labels (N, T) are given); m_i is that count for sample i (a sample with m_i = 0 has loss 0):
+
+- ``token_disagreement`` (no labels): A_i = #{t: ŷ_λ,it ≠ ŷ_0,it} / m_i ∈ [0, 1], the fraction of
+  positions whose top-1 differs from the dense model's.
+- ``token_accuracy_drop`` (labels (N, T)): D_i = acc_0,i − acc_λ,i ∈ [−1, 1], the drop of the
+  sample's token accuracy.
+
+They are bounded, not 0/1, losses (float64): only bounds valid for bounded losses are used for
+them (``p_values``: WSR, or Hoeffding–Bentkus with the factor e).
 """
 
 from __future__ import annotations
@@ -18,8 +30,13 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 
-RISKS: tuple[str, ...] = ("accuracy_drop", "disagreement", "error_rate")
-LABELLED_RISKS: tuple[str, ...] = ("accuracy_drop", "error_rate")
+RISKS: tuple[str, ...] = ("accuracy_drop", "disagreement", "error_rate", "token_disagreement",
+                          "token_accuracy_drop")
+LABELLED_RISKS: tuple[str, ...] = ("accuracy_drop", "error_rate", "token_accuracy_drop")
+#: Risks over the positions of (N, T, V) logits: bounded per-sample losses, range (low, high).
+SEQUENCE_RISKS: dict[str, tuple[float, float]] = {"token_disagreement": (0.0, 1.0),
+                                                  "token_accuracy_drop": (-1.0, 1.0)}
+IGNORE_INDEX = -100  # a label that marks a position out of the risk (Hugging Face's convention)
 # The values a per-sample loss of each risk can take (used to validate input losses).
 LOSS_VALUES: dict[str, tuple[int, ...]] = {
     "accuracy_drop": (-1, 0, 1),
@@ -62,13 +79,17 @@ def per_sample_losses(
     pruned_pred: np.ndarray,
     dense_pred: np.ndarray,
     labels: np.ndarray | None,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-sample losses of the model pruned at one level, int8 of shape (n_samples,).
+    """Per-sample losses of the model pruned at one level, int8 of shape (n_samples,)
+    (float64 for the sequence risks, whose predictions, labels and ``mask`` are (n_samples, T)).
 
     ``pruned_pred``, ``dense_pred`` and ``labels`` are top-1 class indices of shape
     (n_samples,). ``labels`` may be None only for ``disagreement``.
     """
     check_risk(risk)
+    if risk in SEQUENCE_RISKS:
+        return sequence_losses(risk, pruned_pred, dense_pred, labels, mask)
     pruned = _predictions("pruned_pred", pruned_pred, None)
     n = pruned.shape[0]
     dense = _predictions("dense_pred", dense_pred, n)
@@ -86,6 +107,50 @@ def per_sample_losses(
     return pruned_wrong - (dense != y).astype(np.int8)  # accuracy_drop ∈ {−1, 0, 1}
 
 
+def sequence_losses(risk: str, pruned_pred: np.ndarray, dense_pred: np.ndarray, labels: np.ndarray | None,
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample losses of a sequence risk, float64 (n_samples,): see the module docstring."""
+    pruned, dense = np.asarray(pruned_pred), np.asarray(dense_pred)
+    if pruned.ndim != 2 or dense.shape != pruned.shape:
+        raise DataError(f"The {risk!r} risk compares top-1 predictions per position, shape (n_samples, T); got "
+                        f"{list(pruned.shape)} and {list(dense.shape)}.")
+    valid = np.ones(pruned.shape, dtype=bool) if mask is None else np.asarray(mask) != 0
+    if valid.shape != pruned.shape:
+        raise DataError(f"The mask has shape {list(valid.shape)} but the model predicts {list(pruned.shape)} "
+                        "positions (samples, positions); 'attention_mask' must match the logits' first two axes.",
+                        code="data_bad_shape")
+    y = None
+    if labels is not None:
+        y = np.asarray(labels)
+        if y.shape != pruned.shape:
+            raise DataError(f"Labels for {risk!r} must have shape (n_samples, T) = {list(pruned.shape)}, one per "
+                            f"position (−100: ignored); got {list(y.shape)}.", code="data_bad_labels")
+        valid = valid & (y != IGNORE_INDEX)
+    m = valid.sum(axis=1)
+    denom = np.maximum(m, 1).astype(np.float64)
+    if risk == "token_disagreement":
+        return ((pruned != dense) & valid).sum(axis=1) / denom
+    if y is None:
+        raise ConfigError("The 'token_accuracy_drop' risk needs labels y of shape (n_samples, T) in the "
+                          "calibration data; use 'token_disagreement', which needs none.", code="labels_required")
+    dense_right = ((dense == y) & valid).sum(axis=1)
+    pruned_right = ((pruned == y) & valid).sum(axis=1)
+    return (dense_right - pruned_right) / denom
+
+
+def prediction_accuracy(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Top-1 accuracy (for the report): over samples, or for (n, T) predictions over the positions that
+    count (mask on, label not −100)."""
+    pred, y = np.asarray(pred), np.asarray(labels)
+    if pred.ndim == 1:
+        return float(np.mean(pred == y))
+    valid = y != IGNORE_INDEX
+    if mask is not None:
+        valid &= np.asarray(mask) != 0
+    total = int(valid.sum())
+    return float(((pred == y) & valid).sum() / total) if total else float("nan")
+
+
 def empirical_risk(losses: np.ndarray) -> float:
     """The empirical risk: the mean of the per-sample losses (shape (n_samples,)).
 
@@ -100,6 +165,10 @@ def empirical_risk(losses: np.ndarray) -> float:
 
 
 __all__ = [
+    "IGNORE_INDEX",
+    "SEQUENCE_RISKS",
+    "sequence_losses",
+    "prediction_accuracy",
     "LABELLED_RISKS",
     "LOSS_VALUES",
     "RISKS",

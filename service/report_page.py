@@ -181,6 +181,11 @@ def plain_words(result: dict[str, Any]) -> str:
         cost = f"changes the original model's prediction on at most {eps:.2%} of inputs"
     elif risk == "error_rate":
         cost = f"gets at most {eps:.2%} of inputs wrong"
+    elif risk == "token_disagreement":
+        cost = (f"changes the original model's next-token choice on at most {eps:.2%} of the positions of a "
+                "text, on average")
+    elif risk == "token_accuracy_drop":
+        cost = f"loses at most {eps * 100:g} percentage points of token accuracy compared with the original, on average"
     else:
         cost = f"has a {risk} of at most {eps:g}"
     return (f"In plain words: setting {s:.0%} of the prunable weights to zero, the pruned model {cost}, on data like "

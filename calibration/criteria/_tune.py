@@ -30,6 +30,9 @@ def tune_loss(module: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
     x = x_all[idx.to(x_all.device)].to(device)  # a tensor, or every input of a ModelInputs, same rows
     y = y_all[idx.to(y_all.device)].to(device)
     logits = select_output(call(module, x), output)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and y.dim() == 2 and logits.shape[:2] == y.shape:
+        # A sequence model: mean cross-entropy over positions (labels −100 or, unlabelled, none ignored).
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(
