@@ -158,14 +158,13 @@ def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np
 
 
 _ALLOWED = ("allowed are 'x' (the input) and optional 'y' (labels), or, for a model with several inputs, "
-            f"arrays named after its forward arguments (at most {MAX_INPUTS}) and optional 'y'.")
+            f"arrays named after its forward arguments (identifiers, at most {MAX_INPUTS}) and optional 'y'.")
 
 
 def _unknown_names(names: list[str]) -> list[str]:
-    """Names that cannot be arrays of a calibration set: with 'x', only 'y' beside it (a single input);
-    otherwise identifiers (forward-argument names), at most MAX_INPUTS of them."""
-    if "x" in names:
-        return [k for k in names if k not in ("x", "y")]
+    """Names that cannot be arrays of a calibration set: inputs are identifiers (``x``, or forward-argument
+    names: which of them the model takes is checked against its signature, ``signature.match_inputs``),
+    at most MAX_INPUTS of them, beside optional 'y'."""
     bad = [k for k in names if k != "y" and not _is_input_name(k)]
     inputs = [k for k in names if k != "y"]
     if not bad and len(inputs) > MAX_INPUTS:

@@ -22,8 +22,9 @@ def match_inputs(sig: Signature | None, names: Sequence[str]) -> list[str]:
     """The data's input arrays ``names`` checked against the forward signature; the names in call order.
 
     ``names == ["x"]``: the single-input case, ``x`` is the first argument and every other argument
-    must have a default. Otherwise each name must be a forward argument, every argument without a
-    default must be given, and the given ones must be the first k arguments (they are passed by position).
+    must have a default. Otherwise each name must be a forward argument (else ``data_unexpected_arrays``),
+    every argument without a default must be given, and the given ones must be the first k arguments
+    (they are passed by position).
     """
     names = list(names)
     if sig is None:
@@ -45,9 +46,9 @@ def match_inputs(sig: Signature | None, names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in arg_names]
     if unknown:
         raise DataError(
-            f"Array(s) {unknown} of the data file are not arguments of the model's forward "
-            f"({', '.join(arg_names) or 'none'}); name the input arrays after them (or 'y' for labels).",
-            code="data_inputs_mismatch")
+            f"Unexpected array(s) {unknown} in the data file: they are not arguments of the model's forward "
+            f"({', '.join(arg_names) or 'none'}). Use 'x' for a single input, or name one array per input after "
+            "the forward arguments ('y': labels).", code="data_unexpected_arrays")
     missing = [n for n in required if n not in names]
     if missing:
         raise DataError(

@@ -37,6 +37,7 @@ class DataSummary:
     x_shape: list[int]
     has_labels: bool
     input_names: list[str] | None = None  # the input arrays ('x', or forward-argument names); None: not known here
+    labels_ndim: int | None = None  # 1: class labels (N,), 2: per-position labels (N, T); None: not known here
 
 
 def calibration_error(exc: CalibrationError) -> ApiError:
@@ -93,7 +94,7 @@ def check_data(storage: Storage, relpath: str, *, max_inflated_bytes: int | None
         except CalibrationError as exc:
             raise calibration_error(exc) from exc
     return DataSummary(n=data.n, x_shape=[int(d) for d in data.x.shape], has_labels=data.has_labels,
-                       input_names=data.input_names)
+                       input_names=data.input_names, labels_ndim=None if data.y is None else int(data.y.ndim))
 
 
 def check_inputs_for_model(storage: Storage, model_relpath: str, summary: DataSummary) -> None:
@@ -134,6 +135,17 @@ def check_labels_for_risk(config: CertifyConfig, summary: DataSummary) -> None:
         raise ApiError(422, "labels_required",
                        f"The risk {config.risk!r} needs labels, but the data set has no 'y' array. Upload labels "
                        "or use risk 'disagreement', which certifies without labels.")
+    if summary.labels_ndim is not None and config.risk != "token_disagreement":
+        sequence = config.risk in ("token_accuracy_drop",)
+        if summary.labels_ndim == 2 and not sequence:
+            raise ApiError(422, "data_bad_labels",
+                           "'y' has shape (n_samples, T): labels per position are for the sequence risks. Use risk "
+                           "'token_accuracy_drop' (or 'token_disagreement'), or give one class label per sample, "
+                           "shape (n_samples,).")
+        if summary.labels_ndim == 1 and sequence:
+            raise ApiError(422, "data_bad_labels",
+                           "The risk 'token_accuracy_drop' needs a label per position, 'y' of shape (n_samples, T) "
+                           "(-100: ignored); the data set has one label per sample.")
 
 
 def _is_within(uri: str, root: str) -> bool:

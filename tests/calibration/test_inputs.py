@@ -39,7 +39,7 @@ GOOD_X = np.zeros((10, 64), np.float32)
         ({"x": np.zeros((0, 64), np.float32)}, "data_empty", "empty"),
         ({"x": np.zeros(10, np.float32)}, "data_bad_shape", "at least 2 axes"),
         ({"x": np.array([["a"] * 3] * 10)}, "data_bad_dtype", "numeric"),
-        ({"x": GOOD_X, "z": GOOD_X}, "data_unexpected_arrays", "'z'"),
+        ({"x": GOOD_X, "z z": GOOD_X}, "data_unexpected_arrays", "'z z'"),
     ],
 )
 def test_bad_npz_raises_specific_data_error(tmp_path, arrays, code, words):

@@ -185,8 +185,9 @@ def test_tuple_index_out_of_range_and_no_tensor(tmp_path):
 @pytest.mark.parametrize("arrays, code, words", [
     ({"input_ids": "ids"}, "data_missing_inputs", "attention_mask"),
     ({"x": "ids"}, "data_missing_inputs", "2 inputs"),
-    ({"input_ids": "ids", "attention_mask": "mask", "token_type_ids": "mask"}, "data_inputs_mismatch",
+    ({"input_ids": "ids", "attention_mask": "mask", "token_type_ids": "mask"}, "data_unexpected_arrays",
      "token_type_ids"),
+    ({"x": "ids", "attention_mask": "mask"}, "data_unexpected_arrays", "'x'"),
     ({"input_ids": "ids", "attention_mask": "short"}, "data_length_mismatch", "same first dimension"),
     ({"input_ids": "float_ids", "attention_mask": "mask"}, "model_forward_failed", "float32"),
 ])
@@ -201,11 +202,25 @@ def test_bad_input_combinations(tmp_path, arrays, code, words):
     assert words in str(info.value)
 
 
-def test_x_beside_named_arrays_and_bad_names_are_refused(tmp_path):
-    np.savez(tmp_path / "a.npz", x=_ids(), input_ids=_ids())
+def test_x_as_a_named_argument_and_bad_names(tmp_path):
+    """``forward(self, x, mask)`` takes arrays x and mask; an extra array is refused, naming it."""
+
+    class XMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 8)
+            self.head = nn.Linear(8, CLASSES)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.head((self.emb(x) * mask.unsqueeze(-1).float()).mean(1))
+
+    model = _save(XMask(), tmp_path / "m.pt", None, script=True)
+    np.savez(tmp_path / "a.npz", x=_ids(), mask=_mask())
+    assert certify(model, tmp_path / "a.npz", CFG).result["n_calibration"] == N
+    np.savez(tmp_path / "c.npz", x=_ids(), mask=_mask(), secret=_mask())
     with pytest.raises(DataError) as info:
-        load_calibration(tmp_path / "a.npz")
-    assert info.value.code == "data_unexpected_arrays"
+        certify(model, tmp_path / "c.npz", CFG)
+    assert info.value.code == "data_unexpected_arrays" and "'secret'" in str(info.value)
     np.savez(tmp_path / "b.npz", **{"input ids": _ids()})
     with pytest.raises(DataError) as info:
         load_calibration(tmp_path / "b.npz")

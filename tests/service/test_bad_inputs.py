@@ -300,7 +300,9 @@ def intake_cases(x: np.ndarray, y: np.ndarray) -> list[Case]:
              lambda c: data(c, npz_bytes(x=x50, y=y50 + 0.5))),
         Case("data: string labels", 422, "data_bad_labels",
              lambda c: data(c, npz_bytes(x=x50, y=y50.astype(str)))),
-        Case("data: 2-D labels", 422, "data_bad_labels", lambda c: data(c, npz_bytes(x=x50, y=y50.reshape(25, 2)))),
+        Case("data: 2-D labels", 422, "data_bad_labels",
+             lambda c: data(c, npz_bytes(x=x50, y=np.stack([y50, y50], axis=1)))),  # per-position labels: no token risk
+        Case("data: 3-D labels", 422, "data_bad_labels", lambda c: data(c, npz_bytes(x=x50, y=y50.reshape(50, 1, 1)))),
         Case("data: NaN labels", 422, "data_bad_labels",
              lambda c: data(c, npz_bytes(x=x50, y=np.where(np.arange(50) == 3, np.nan, y50)))),
         Case("data: NaN in x", 422, "data_not_finite", lambda c: data(c, npz_bytes(x=nan_x, y=y50))),

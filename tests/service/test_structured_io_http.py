@@ -67,7 +67,7 @@ def test_token_model_with_two_inputs_and_a_dict_output(client: httpx.Client, tmp
     for arrays, code, words in [({"input_ids": ids}, "data_missing_inputs", "attention_mask"),
                                 ({"x": ids}, "data_missing_inputs", "2 inputs"),
                                 ({"input_ids": ids, "attention_mask": mask, "token_type_ids": mask},
-                                 "data_inputs_mismatch", "token_type_ids")]:
+                                 "data_unexpected_arrays", "token_type_ids")]:
         np.savez(tmp_path / "bad.npz", **arrays)
         r = submit(client, tmp_path / "m.pt", data=tmp_path / "bad.npz", config=config)
         assert r.status_code == 422, r.text
