@@ -88,9 +88,6 @@ class ModelInputs:
         return f"ModelInputs({self.describe()})"
 
 
-Batch = "torch.Tensor | ModelInputs"
-
-
 def call(fn: Callable[..., Any], xb: Any) -> Any:
     """``fn(xb)``, or ``fn(*inputs)`` for several inputs."""
     if isinstance(xb, ModelInputs):

@@ -270,3 +270,16 @@ def test_two_inputs_on_cuda_with_graphs(tmp_path, precision):
     torch.jit.save(torch.jit.script(MeanPool().eval()), str(tmp_path / "m.pt"))
     cert = certify(tmp_path / "m.pt", tmp_path / "d.npz", {**CFG, "device": "cuda", "precision": precision})
     assert cert.result["certified"] in (True, False)
+
+
+def test_cli_output_flag():
+    from calibration.cli_certify import build_parser, config_from_args
+
+    def parse(*extra):
+        return config_from_args(build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", *extra]))
+
+    assert parse("--output", "1")["output"] == 1
+    assert parse("--output", "-1")["output"] == -1
+    assert parse("--output", "aux_logits")["output"] == "aux_logits"
+    assert "output" not in parse()
+    assert validate_config(parse("--output", "2")).output == 2
