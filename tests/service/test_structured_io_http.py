@@ -72,3 +72,40 @@ def test_token_model_with_two_inputs_and_a_dict_output(client: httpx.Client, tmp
         r = submit(client, tmp_path / "m.pt", data=tmp_path / "bad.npz", config=config)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == code and words in r.json()["error"]["message"], r.text
+
+
+def test_a_causal_lm_with_token_disagreement(client: httpx.Client, tmp_path: Path) -> None:
+    """Logits (N, T, V) through the API: the sequence risk, its bound in the guarantee, the artifact's signature."""
+    import torch
+    from torch import nn
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 16)
+            self.mlp = nn.Linear(16, 16)
+            self.lm_head = nn.Linear(16, VOCAB)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            h = self.emb(input_ids)
+            return self.lm_head(h + torch.relu(self.mlp(h)))
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(TinyLM().eval()), str(tmp_path / "lm.pt"))
+    ids = np.random.default_rng(1).integers(0, VOCAB, (N, T)).astype(np.int64)
+    labels = np.roll(ids, -1, axis=1)
+    labels[:, -1] = -100
+    np.savez(tmp_path / "d.npz", input_ids=ids, y=labels)
+    config = {"sparsities": [0.1, 0.2], "epsilon": 0.3, "delta": 0.2, "risk": "token_disagreement"}
+    job = wait_terminal(client, submit(client, tmp_path / "lm.pt", data=tmp_path / "d.npz", config=config).json()["id"])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["risk"] == "token_disagreement" and result["bound"] == "wsr"
+    assert not result["certified"] or "Waudby-Smith" in result["guarantee"]
+    (tmp_path / "pruned.pt").write_bytes(client.get(f"/v1/jobs/{job['id']}/artifact").content)
+    pruned = torch.jit.load(str(tmp_path / "pruned.pt"))
+    assert str(pruned.forward.schema) == str(torch.jit.load(str(tmp_path / "lm.pt")).forward.schema)
+    assert tuple(pruned(torch.from_numpy(ids[:2])).shape) == (2, T, VOCAB)
+    # Per-position labels with a classifier risk are refused at admission.
+    r = submit(client, tmp_path / "lm.pt", data=tmp_path / "d.npz", config={**config, "risk": "accuracy_drop"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "data_bad_labels", r.text
