@@ -367,7 +367,9 @@ def certify(
         dense_tune_np = dense_tune.cpu().numpy()
         y_tune_np = data.y[split.tune] if data.y is not None else None
         dense_cal_np = dense_cal.cpu().numpy()
-        mask_cal = data.inputs["attention_mask"][split.cal] if sequence and "attention_mask" in data.inputs else None
+        has_mask = sequence and "attention_mask" in data.inputs  # the positions the sequence risks count
+        mask_cal = data.inputs["attention_mask"][split.cal] if has_mask else None
+        mask_tune = data.inputs["attention_mask"][split.tune] if has_mask else None
         if sequence and dense_cal_np.ndim != 2:
             raise ModelError("The sequence risks need logits of shape (batch, positions, vocabulary).",
                              code="model_bad_output")
@@ -472,7 +474,7 @@ def certify(
                     if sparsity > 0.0:
                         build_candidate(masks, name, j, sparsity)
                     pruned_tune = predictor.predict(x_tune, should_stop).cpu().numpy()
-                    return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np)
+                    return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np, mask_tune)
 
                 plan = plan_sequence(n_levels, lambda j: predict_pass(bound, risk, tune_losses(j),
                                                                        int(split.cal.size), cfg.epsilon, alpha))

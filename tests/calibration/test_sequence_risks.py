@@ -147,3 +147,11 @@ def test_bounded_loss_p_values_are_valid_by_simulation(bound, risk):
     assert p_value(bound, risk, low, eps, alpha=delta) <= delta
     ucb = upper_confidence_bound(bound, risk, low, delta)
     assert low.mean() <= ucb <= eps
+
+
+def test_planned_procedure_with_a_sequence_risk(tmp_path):
+    ids, mask, _ = _data()
+    model = _model(tmp_path, True)
+    np.savez(tmp_path / "d.npz", input_ids=ids, attention_mask=mask)
+    cert = certify(model, tmp_path / "d.npz", {**CFG, "risk": "token_disagreement", "procedure": "planned"})
+    assert cert.result["procedure"] == "planned" and cert.result["risk"] == "token_disagreement"
