@@ -79,7 +79,7 @@ from .errors import ConfigError, DataError
 
 REL_MARGIN = 1e-8  # relative floating-point margin on every rigorous upper bound
 ABS_MARGIN = 1e-14
-MAX_EVALS = 3000  # cell evaluations one rigorous decision may spend before it settles conservatively
+MAX_EVALS = 6000  # cell evaluations one rigorous decision may spend before it settles conservatively
 WINDOW_SD = 6.0  # the window of C summed term by term: n·p_c ± 6 sd (+3); the exact tail mass outside is added
 
 
