@@ -123,23 +123,18 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
 
     def check(xb: torch.Tensor, logits: Any) -> None:
         nonlocal n_classes
-        if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[0] == xb.shape[0] and not sequence:
+        rows_match = isinstance(logits, torch.Tensor) and logits.shape[0] == xb.shape[0]
+        if rows_match and logits.dim() == 3 and not sequence:
             raise ModelError(
                 f"The model returns logits of shape {list(logits.shape)} (batch, positions, vocabulary): a sequence "
                 "model. Use risk 'token_disagreement' (no labels) or 'token_accuracy_drop' (labels (N, T)).",
                 code="model_bad_output")
-        if sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != xb.shape[0]):
+        if not (rows_match and logits.dim() == (3 if sequence else 2)):
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ModelError(
-                f"The sequence risks need logits of shape (batch, positions, vocabulary); for a batch of {xb.shape[0]} "
-                f"the model returned {shape}.", code="model_bad_output")
-        if not sequence and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
-                             or logits.shape[0] != xb.shape[0]):
-            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ModelError(
-                f"The model must return logits of shape (batch, classes); for a batch of {xb.shape[0]} it returned {shape}.",
-                code="model_bad_output",
-            )
+            need = ("The sequence risks need logits of shape (batch, positions, vocabulary)" if sequence
+                    else "The model must return logits of shape (batch, classes)")
+            raise ModelError(f"{need}; for a batch of {xb.shape[0]} it returned {shape}.",
+                             code="model_bad_output")
         if logits.shape[-1] < 2:
             raise ModelError(f"The model returns {logits.shape[-1]} class score(s); at least 2 are needed.",
                              code="model_bad_output")
@@ -370,9 +365,6 @@ def certify(
         has_mask = sequence and "attention_mask" in data.inputs  # the positions the sequence risks count
         mask_cal = data.inputs["attention_mask"][split.cal] if has_mask else None
         mask_tune = data.inputs["attention_mask"][split.tune] if has_mask else None
-        if sequence and dense_cal_np.ndim != 2:
-            raise ModelError("The sequence risks need logits of shape (batch, positions, vocabulary).",
-                             code="model_bad_output")
         if y_cal is not None and y_cal.ndim != dense_cal_np.ndim:
             per_sample = list(dense_cal_np.shape[1:]) or "one class"
             raise DataError(f"'y' has shape {list(data.y.shape)} but the model predicts {per_sample} "

@@ -81,11 +81,14 @@ class ModelInputs:
         return self
 
     def describe(self) -> str:
-        return ", ".join(f"{n} {list(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                         for n, t in zip(self.names, self.tensors))
+        return ", ".join(f"{n} {_tensor_text(t)}" for n, t in zip(self.names, self.tensors))
 
     def __repr__(self) -> str:
         return f"ModelInputs({self.describe()})"
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
 
 
 def call(fn: Callable[..., Any], xb: Any) -> Any:
@@ -98,7 +101,7 @@ def call(fn: Callable[..., Any], xb: Any) -> Any:
 def describe_batch(xb: Any) -> str:
     if isinstance(xb, ModelInputs):
         return xb.describe()
-    return f"shape {list(xb.shape)} {str(xb.dtype).replace('torch.', '')}"
+    return f"shape {_tensor_text(xb)}"
 
 
 # ---------------------------------------------------------------- forward signature
@@ -131,22 +134,18 @@ def gather(inputs: dict[str, np.ndarray], order: Sequence[str], rows: np.ndarray
 
 # ---------------------------------------------------------------- outputs
 
-def _describe_value(v: Any) -> str:
+def describe_output(v: Any) -> str:
+    """What a model returned, for error messages: types, keys and shapes (the first 8 entries)."""
     if isinstance(v, torch.Tensor):
-        return f"Tensor{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        return f"Tensor{_tensor_text(v)}"
     if isinstance(v, (tuple, list)):
-        return f"{type(v).__name__} of {len(v)} [" + ", ".join(_describe_value(e) for e in list(v)[:8]) + \
+        return f"{type(v).__name__} of {len(v)} [" + ", ".join(describe_output(e) for e in list(v)[:8]) + \
             (", …" if len(v) > 8 else "") + "]"
     if isinstance(v, dict):
         items = list(v.items())[:8]
-        return "dict {" + ", ".join(f"{k!r}: {_describe_value(e)}" for k, e in items) + \
+        return "dict {" + ", ".join(f"{k!r}: {describe_output(e)}" for k, e in items) + \
             (", …" if len(v) > 8 else "") + "}"
     return type(v).__name__
-
-
-def describe_output(out: Any) -> str:
-    """What a model returned, for error messages: types, keys and shapes."""
-    return _describe_value(out)
 
 
 def select_output(out: Any, output: int | str | None = None) -> Any:

@@ -19,17 +19,6 @@ from .errors import ModelError, exception_summary
 from .archive import check_archive
 from .discovery import Discovery, PrunableWeight, batchnorm_modules, discover
 
-#: Kept for callers that print the common types; discovery itself goes by what a weight does (discovery.py).
-PRUNABLE_TYPES = frozenset(
-    {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear"}
-)
-BATCHNORM_TYPES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
-
-
-def _module_type(module: torch.nn.Module) -> str:
-    return getattr(module, "original_name", type(module).__name__)
-
-
 @contextlib.contextmanager
 def quiet_torchscript_warnings() -> Iterator[None]:
     """TorchScript is deprecated in new torch; users should not see that on every call."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -414,6 +415,21 @@ def p_value(bound: str, risk: str, losses: np.ndarray, epsilon: float, *, alpha:
     return _p_on_test_scale(s, _test_level(b, risk, eps), a)
 
 
+def _smallest_rejected(p_at: Callable[[float], float], alpha: float, tol: float) -> float:
+    """Bisection on the test's scale for the smallest ε′ in (0, 1] with p(ε′) ≤ α (1: none below 1 rejects).
+    Invariant: p(lo) > α (p → 1 as ε′ → 0); hi rejects or is the top."""
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if mid <= 0.0 or mid >= 1.0:
+            break
+        if p_at(mid) <= alpha:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def upper_confidence_bound(
     bound: str,
     risk: str,
@@ -438,14 +454,7 @@ def upper_confidence_bound(
     a = _level("alpha", alpha)
     if risk in SEQUENCE_RISKS:
         x01 = _bounded01(risk, losses)
-        lo, hi = 0.0, 1.0
-        if x01.shape[0] > 0:
-            while hi - lo > tol:
-                mid = 0.5 * (lo + hi)
-                if _bounded_p(b, x01, mid, a) <= a:
-                    hi = mid
-                else:
-                    lo = mid
+        hi = _smallest_rejected(lambda e: _bounded_p(b, x01, e, a), a, tol) if x01.shape[0] > 0 else 1.0
         low, high = SEQUENCE_RISKS[risk]
         return low + (high - low) * hi
     s = _prepare(b, risk, losses)
@@ -455,16 +464,7 @@ def upper_confidence_bound(
         if epsilon is None:
             raise ConfigError("upper_confidence_bound for 'paired_exact' needs the epsilon the test is run at.")
         return paired_exact_upper_bound(s.new_errors, s.fixed_errors, s.n, _level("epsilon", epsilon), a)
-    lo, hi = 0.0, 1.0  # invariant: p(lo) > α (p → 1 as ε' → 0), hi rejects or is the top
-    if s.n > 0:
-        while hi - lo > tol:
-            mid = 0.5 * (lo + hi)
-            if mid <= 0.0 or mid >= 1.0:
-                break
-            if _p_on_test_scale(s, mid, a) <= a:
-                hi = mid
-            else:
-                lo = mid
+    hi = _smallest_rejected(lambda e: _p_on_test_scale(s, e, a), a, tol) if s.n > 0 else 1.0
     if risk == "accuracy_drop" and b in ("hb", "wsr"):
         return 2.0 * hi - 1.0
     return hi

@@ -107,6 +107,14 @@ def per_sample_losses(
     return pruned_wrong - (dense != y).astype(np.int8)  # accuracy_drop ∈ {−1, 0, 1}
 
 
+def counted_positions(shape: tuple[int, ...], labels: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray:
+    """Bool (n_samples, T): the positions a sequence risk counts — mask on (if any), label not −100 (if any)."""
+    valid = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask) != 0
+    if labels is not None:
+        valid = valid & (np.asarray(labels) != IGNORE_INDEX)
+    return valid
+
+
 def sequence_losses(risk: str, pruned_pred: np.ndarray, dense_pred: np.ndarray, labels: np.ndarray | None,
                     mask: np.ndarray | None = None) -> np.ndarray:
     """Per-sample losses of a sequence risk, float64 (n_samples,): see the module docstring."""
@@ -114,9 +122,8 @@ def sequence_losses(risk: str, pruned_pred: np.ndarray, dense_pred: np.ndarray, 
     if pruned.ndim != 2 or dense.shape != pruned.shape:
         raise DataError(f"The {risk!r} risk compares top-1 predictions per position, shape (n_samples, T); got "
                         f"{list(pruned.shape)} and {list(dense.shape)}.")
-    valid = np.ones(pruned.shape, dtype=bool) if mask is None else np.asarray(mask) != 0
-    if valid.shape != pruned.shape:
-        raise DataError(f"The mask has shape {list(valid.shape)} but the model predicts {list(pruned.shape)} "
+    if mask is not None and np.shape(mask) != pruned.shape:
+        raise DataError(f"The mask has shape {list(np.shape(mask))} but the model predicts {list(pruned.shape)} "
                         "positions (samples, positions); 'attention_mask' must match the logits' first two axes.",
                         code="data_bad_shape")
     y = None
@@ -125,7 +132,7 @@ def sequence_losses(risk: str, pruned_pred: np.ndarray, dense_pred: np.ndarray, 
         if y.shape != pruned.shape:
             raise DataError(f"Labels for {risk!r} must have shape (n_samples, T) = {list(pruned.shape)}, one per "
                             f"position (−100: ignored); got {list(y.shape)}.", code="data_bad_labels")
-        valid = valid & (y != IGNORE_INDEX)
+    valid = counted_positions(pruned.shape, y, mask)
     m = valid.sum(axis=1)
     denom = np.maximum(m, 1).astype(np.float64)
     if risk == "token_disagreement":
@@ -144,9 +151,7 @@ def prediction_accuracy(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray |
     pred, y = np.asarray(pred), np.asarray(labels)
     if pred.ndim == 1:
         return float(np.mean(pred == y))
-    valid = y != IGNORE_INDEX
-    if mask is not None:
-        valid &= np.asarray(mask) != 0
+    valid = counted_positions(pred.shape, y, mask)
     total = int(valid.sum())
     return float(((pred == y) & valid).sum() / total) if total else float("nan")
 
