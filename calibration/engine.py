@@ -465,6 +465,9 @@ def certify(
                     sparsity = grid[j]
                     if sparsity > 0.0:
                         build_candidate(masks, name, j, sparsity)
+                    else:  # the dense model itself, whichever level the bisection tried before
+                        restore(params, originals)
+                        batchnorm.load_snapshot(module, bn_dense)
                     pruned_tune = predictor.predict(x_tune, should_stop).cpu().numpy()
                     return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np, mask_tune)
 

@@ -215,3 +215,18 @@ def test_the_engine_tests_only_the_plan_and_the_plan_ignores_d_cal(digits_job) -
     assert second["criteria"][0]["plan"] == plan
     risks = lambda r: [lvl["empirical_risk"] for lvl in r["levels"] if lvl["evaluated"]]  # noqa: E731
     assert risks(second) != risks(first)  # D_cal did change what was measured on it
+
+
+def test_the_plan_judges_level_zero_on_the_dense_model(digits_job) -> None:
+    """Bisection tries a high level before λ = 0; λ = 0 must then be the dense model again (zero loss, so it is
+    predicted to pass), not the candidate tried before it."""
+    from calibration import certify
+
+    model, x, y, d = digits_job
+    np.savez(d / "c.npz", x=x, y=y)
+    result = certify(model, d / "c.npz", config={"procedure": "planned", "epsilon": 0.01, "seed": 3,
+                                                 "sparsities": [0.0, 0.97, 0.98, 0.99]})
+    result = result.to_dict() if hasattr(result, "to_dict") else result
+    plan = result["criteria"][0]["plan"]
+    assert plan["tune_evaluated"][0] != 0 and 0 in plan["tune_evaluated"]  # 0 is tried after a pruned level
+    assert plan["estimate"] == 0, plan
