@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .risks import IGNORE_INDEX
 
 MAX_SAMPLES = 10_000_000
 MAX_ELEMENTS = 4 * 1024**3  # x may hold at most this many numbers (16 GiB in fp32)
@@ -47,7 +48,7 @@ class CalibrationSet:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self.inputs or {"x": self.x})
+        return list(self.inputs)  # type: ignore[arg-type]  (set by __post_init__)
 
     @property
     def n(self) -> int:
@@ -271,7 +272,7 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> CalibrationSet:
                                 code="data_bad_labels")
         y = y.astype(np.int64)
         # Per-position labels (n_samples, T) may mark a position ignored with -100 (Hugging Face's convention).
-        negative = (y < 0) & (y != -100) if y.ndim == 2 else y < 0
+        negative = (y < 0) & (y != IGNORE_INDEX) if y.ndim == 2 else y < 0
         if negative.any():
             raise DataError(f"Labels must be ≥ 0{' (or -100: ignored position)' if y.ndim == 2 else ''}; found "
                             f"{int(y[negative].min())}.", code="data_labels_out_of_range")

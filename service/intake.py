@@ -136,7 +136,7 @@ def check_labels_for_risk(config: CertifyConfig, summary: DataSummary) -> None:
                        f"The risk {config.risk!r} needs labels, but the data set has no 'y' array. Upload labels "
                        "or use risk 'disagreement', which certifies without labels.")
     if summary.labels_ndim is not None and config.risk != "token_disagreement":
-        sequence = config.risk in ("token_accuracy_drop",)
+        sequence = config.risk == "token_accuracy_drop"  # the labelled sequence risk
         if summary.labels_ndim == 2 and not sequence:
             raise ApiError(422, "data_bad_labels",
                            "'y' has shape (n_samples, T): labels per position are for the sequence risks. Use risk "
