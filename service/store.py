@@ -527,37 +527,28 @@ class JobStore:
             )
             return values["status"] if res.rowcount == 1 else None
 
-    def requeue_interrupted(
+    def orphaned_runs(
         self,
         *,
-        max_attempts: int,
         stale_before: datetime | None = None,
-        is_gone: Callable[[str | None], bool] = worker_is_gone_locally,
-        code: str = "worker_interrupted",
-    ) -> dict[str, str]:
-        """Recover jobs left 'running' by executors that died (start-up and periodic sweep).
+        is_gone: Callable[[str | None], bool] | None = None,
+    ) -> list[Claim]:
+        """Runs left 'running' by executors that died (read only; ``service.supervisor.recover_orphans`` records them).
 
-        A running job is orphaned when ``is_gone(worker_id)`` says its process is gone, or when its
-        heartbeat is older than ``stale_before``. Orphans go back to 'queued' with one more attempt
-        counted, or to 'failed' with ``code`` once they have had ``max_attempts`` runs. Returns
-        {job_id: new status}.
+        A running job is orphaned when ``is_gone(worker_id)`` (default: ``worker_is_gone_locally``) says its
+        process is gone, or when its heartbeat is older than ``stale_before``.
         """
+        gone = worker_is_gone_locally if is_gone is None else is_gone
         with self._session() as s:
             running = s.execute(
                 select(JobRow.id, JobRow.run_id, JobRow.worker_id, JobRow.heartbeat_at).where(JobRow.status == RUNNING)
             ).all()
-        changed: dict[str, str] = {}
+        orphans = []
         for job_id, run_id, worker_id, heartbeat_at in running:
             stale = stale_before is not None and (heartbeat_at is None or heartbeat_at < stale_before)
-            if not (stale or is_gone(worker_id)):
-                continue
-            new = self.interrupt(
-                job_id=job_id, run_id=run_id or "", max_attempts=max_attempts, code=code,
-                message="The worker running this job stopped (service restart or crash).",
-            )
-            if new:
-                changed[job_id] = new
-        return changed
+            if stale or gone(worker_id):
+                orphans.append(Claim(job_id=job_id, run_id=run_id or ""))
+        return orphans
 
     def requeue_run(self, *, job_id: str, run_id: str, message: str) -> str | None:
         """Give a job back to the queue without counting an attempt (orderly shutdown)."""

@@ -1,7 +1,7 @@
 """The trusted side of a job run: hand an untrusted child exactly its verified inputs, read what it says.
 
 The supervisor runs in the executor's process for the job (a spawned process locally, the Ray
-task's child on a cluster) and is the only writer of the job's state. For one run it
+task's child on a cluster). For one run it
 
 1. links (or copies) the job's inputs into a private staging folder, hashes them there, and refuses
    to go on when a hash differs from the one recorded at admission (``input_integrity_error``) — so a file
@@ -15,6 +15,13 @@ task's child on a cluster) and is the only writer of the job's state. For one ru
 
 Nothing the child says is trusted beyond its own job: codes must look like codes, messages are
 cut and stripped of control characters, the result must have the result's shape.
+
+How a run ended is written to the job store by one function, :func:`record_outcome`, whoever
+learnt it: the supervisor (the child's outcome, or its own refusal), the dispatcher (a timeout, a
+cancel it had to enforce, a worker that died without recording an end, an orderly shutdown), the
+Ray task (a supervisor killed by a sandbox limit), or the sweep for runs whose executor is gone
+(:func:`recover_orphans`). Every write is a compare-and-set on the run id, so a run that no longer
+holds its job writes nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import isolation, sandbox
+from .store import CANCELLED, FAILED, SUCCEEDED, Claim, JobStore
 
 log = logging.getLogger("certiprune.supervisor")
 
@@ -56,11 +65,18 @@ class Input:
     sha256: str
 
 
+#: Outcome statuses beyond the three final ones (only :func:`record_outcome` takes them): the run's worker
+#: died without recording an end (retried, or failed once the job has had its runs), or the service shut down
+#: (back to the queue, no attempt counted).
+LOST = "lost"
+INTERRUPTED = "interrupted"
+
+
 @dataclass
 class Outcome:
-    """How the child's run ended, as the supervisor judged it."""
+    """How a run ended: as the supervisor judged the child's run, or as an executor saw its worker end."""
 
-    status: str  # succeeded | failed | cancelled
+    status: str  # succeeded | failed | cancelled (run_child returns only these) | lost | interrupted
     result: dict[str, Any] | None = None
     artifact: Path | None = None
     artifact_sha256: str | None = None
@@ -396,5 +412,58 @@ def remove_run_folder(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["ChildSpec", "Input", "IntegrityError", "Outcome", "check_result", "clean_text", "remove_run_folder",
-           "run_child", "sandbox_death", "stage_inputs"]
+# -- the job's state: its one writer --------------------------------------------------------------
+
+ORPHAN_MESSAGE = "The worker running this job stopped (service restart or crash)."
+
+
+def record_outcome(store: JobStore, claim: Claim, outcome: Outcome, *, max_attempts: int | None = None) -> str | None:
+    """Write how run ``claim.run_id`` of job ``claim.job_id`` ended; the only code that ends a run.
+
+    ``succeeded`` (``result``, ``artifact_sha256``), ``failed`` (``code``, ``message``) and ``cancelled`` are
+    final. ``lost`` (the run's worker ended without recording an end; ``code``, ``message``) requeues the job
+    with one more attempt counted, fails it with ``code`` once it has had ``max_attempts`` runs, or cancels it
+    when a cancel was requested. ``interrupted`` (orderly shutdown; ``message``) requeues it without counting
+    an attempt. Returns the job's new status, or None when the run no longer held the job (nothing written).
+    """
+    job_id, run_id = claim.job_id, claim.run_id
+    if outcome.status == SUCCEEDED:
+        done = store.finish(job_id=job_id, run_id=run_id, status=SUCCEEDED, result=outcome.result,
+                            artifact_sha256=outcome.artifact_sha256)
+    elif outcome.status == FAILED:
+        if outcome.code is None:
+            raise ValueError("a failed outcome needs an error code")
+        done = store.finish(job_id=job_id, run_id=run_id, status=FAILED, error_code=outcome.code,
+                            error_message=outcome.message)
+    elif outcome.status == CANCELLED:
+        done = store.finish(job_id=job_id, run_id=run_id, status=CANCELLED)
+    elif outcome.status == LOST:
+        if outcome.code is None or max_attempts is None:
+            raise ValueError("a lost run needs an error code and max_attempts")
+        return store.interrupt(job_id=job_id, run_id=run_id, max_attempts=max_attempts, code=outcome.code,
+                               message=outcome.message or "The run was lost.")
+    elif outcome.status == INTERRUPTED:
+        return store.requeue_run(job_id=job_id, run_id=run_id, message=outcome.message or "The run was interrupted.")
+    else:
+        raise ValueError(f"unknown outcome status {outcome.status!r}")
+    return outcome.status if done else None
+
+
+def recover_orphans(store: JobStore, *, max_attempts: int, stale_before: datetime | None = None,
+                    is_gone: Callable[[str | None], bool] | None = None) -> dict[str, str]:
+    """Record runs left 'running' by executors that are gone as lost (``worker_interrupted``): start-up and sweep.
+
+    A run is orphaned when ``is_gone(worker_id)`` says its process is gone, or its heartbeat is older than
+    ``stale_before`` (``JobStore.orphaned_runs``). Returns {job_id: new status}.
+    """
+    changed: dict[str, str] = {}
+    for claim in store.orphaned_runs(stale_before=stale_before, is_gone=is_gone):
+        new = record_outcome(store, claim, Outcome(LOST, code="worker_interrupted", message=ORPHAN_MESSAGE),
+                             max_attempts=max_attempts)
+        if new:
+            changed[claim.job_id] = new
+    return changed
+
+
+__all__ = ["INTERRUPTED", "LOST", "ChildSpec", "Input", "IntegrityError", "Outcome", "check_result", "clean_text",
+           "record_outcome", "recover_orphans", "remove_run_folder", "run_child", "sandbox_death", "stage_inputs"]

@@ -2,11 +2,12 @@
 
 This module is imported by the API process (the executor refers to ``run_job``), so it imports
 neither torch nor ``calibration`` at module level. The spawned process is the job's *supervisor*
-(trusted, the only writer of the job's state); the uploaded model runs only in the untrusted child
-that ``service.supervisor`` starts. Failures become a job error with a specific code: the
-calibration error's own (reported by the child), or ``input_integrity_error``,
-``job_out_of_memory``, ``job_timeout``, ``artifact_too_large``, ``artifact_write_failed``,
-``storage_full``, ``sandbox_unavailable``, ``model_crashed``.
+(trusted; it records the job's outcome through ``service.supervisor.record_outcome``, the one writer
+of a run's end); the uploaded model runs only in the untrusted child that ``service.supervisor``
+starts. Failures become a job error with a specific code: the calibration error's own (reported by
+the child), or ``input_integrity_error``, ``job_out_of_memory``, ``job_timeout``,
+``artifact_too_large``, ``artifact_write_failed``, ``storage_full``, ``sandbox_unavailable``,
+``model_crashed``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .failures import classify_failure, is_disk_error, root_cause_line
 from .jsonable import jsonable
 from .settings import Settings
 from .storage import Storage, job_dir, sha256_file
-from .store import CANCELLED, FAILED, SUCCEEDED, Job, JobStore
-from .supervisor import ChildSpec, Input, IntegrityError, remove_run_folder, run_child
+from .store import CANCELLED, FAILED, SUCCEEDED, Claim, Job, JobStore
+from .supervisor import ChildSpec, Input, IntegrityError, Outcome, record_outcome, remove_run_folder, run_child
 
 log = logging.getLogger("certiprune.worker")
 
@@ -125,9 +126,9 @@ def job_uses_cuda(job: Job, gpu: int | None) -> bool:
 def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandbox_gpu: int | None = None) -> None:
     """Supervise one claimed job: verified inputs → untrusted child (``service.supervisor``) → stored artifact.
 
-    This process is trusted: it holds the store and is the only writer of the job's state. The uploaded
-    model runs only in the child, with the rlimits of ``service.sandbox`` and, unless the sandbox is off,
-    inside bubblewrap (``service.isolation``).
+    This process is trusted: it holds the store and records how the run ended (``record_outcome``). The
+    uploaded model runs only in the child, with the rlimits of ``service.sandbox`` and, unless the sandbox
+    is off, inside bubblewrap (``service.isolation``).
     """
     job = store.get(job_id=job_id)
     if job is None or job.run_id != run_id:
@@ -139,9 +140,10 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
     work = storage.work_dir(job_id)
     discard_partial_files(work)  # half-written by an earlier run that was killed
     run_folder = work / f".run-{run_id}"
+    claim = Claim(job_id=job_id, run_id=run_id)
 
     def fail(code: str, message: str) -> None:
-        store.finish(job_id=job_id, run_id=run_id, status=FAILED, error_code=code, error_message=message)
+        record_outcome(store, claim, Outcome(FAILED, code=code, message=message))
 
     isolate, why_not = sandbox_decision(settings)
     if isolate is None:
@@ -178,11 +180,11 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
                 on_progress=report,
                 should_stop=throttled_stop_check(store, job_id, run_id),
             )
-        if outcome.status == "cancelled":
-            store.finish(job_id=job_id, run_id=run_id, status=CANCELLED)
+        if outcome.status == CANCELLED:
+            record_outcome(store, claim, Outcome(CANCELLED))
             log.info("job %s cancelled", job_id)
             return
-        if outcome.status != "succeeded":
+        if outcome.status != SUCCEEDED:
             assert outcome.code is not None
             fail(outcome.code, outcome.message or "The job failed.")
             log.info("job %s failed: %s", job_id, outcome.code)
@@ -205,7 +207,7 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
         result = jsonable(outcome.result)
         result["artifact_sha256"] = stored.sha256  # the supervisor's hash, never the child's word
         json.dumps(result, allow_nan=False)  # fail here, not when a client asks for the job
-        store.finish(job_id=job_id, run_id=run_id, status=SUCCEEDED, result=result, artifact_sha256=stored.sha256)
+        record_outcome(store, claim, Outcome(SUCCEEDED, result=result, artifact_sha256=stored.sha256))
         log.info("job %s succeeded", job_id)
     except IntegrityError as exc:
         fail("input_integrity_error", str(exc))

@@ -6,7 +6,8 @@ records an outcome for those that did not record one themselves, polices the wal
 and cancel requests (the worker polls for a cancel itself; after ``cancel_grace_s`` it is
 terminated where the executor can, then killed), heartbeats its runs, sweeps for jobs orphaned
 by a dead executor, and claims queued jobs into free capacity. On stop, its runs are stopped and
-their jobs handed back to the queue without counting an attempt.
+their jobs handed back to the queue without counting an attempt. It decides how such a run ended;
+``service.supervisor.record_outcome`` writes it (the one writer of a run's end, as for the supervisor).
 
 A subclass supplies only how a run starts, is reaped, is stopped and how many may run at once:
 ``_capacity``, ``_start_run``, ``_reap``, ``_kill``, ``_stop_for_shutdown``, ``_describe_death``
@@ -37,6 +38,7 @@ from ..store import (
     stale_cutoff,
     worker_is_gone_locally,
 )
+from ..supervisor import INTERRUPTED, LOST, Outcome, record_outcome, recover_orphans
 
 HEARTBEAT_EVERY_S = 2.0
 SWEEP_EVERY_S = 5.0
@@ -225,7 +227,8 @@ class DispatchingExecutor(ABC, Generic[RunT]):
     # -- steps --------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        changed = self.store.requeue_interrupted(
+        changed = recover_orphans(
+            self.store,
             max_attempts=self.settings.max_attempts,
             stale_before=stale_cutoff(self.settings.heartbeat_timeout_s),
             is_gone=lambda w: w != self.worker_id and worker_is_gone_locally(w),
@@ -256,8 +259,9 @@ class DispatchingExecutor(ABC, Generic[RunT]):
                 run = self._start_run(claim)
             except Exception as exc:
                 self.log.exception("could not start %s", claim.job_id)
-                self.store.interrupt(job_id=claim.job_id, run_id=claim.run_id, max_attempts=self.settings.max_attempts,
-                                     code="worker_start_failed", message=f"{self.start_failed}: {exc}.")
+                record_outcome(self.store, claim, Outcome(LOST, code="worker_start_failed",
+                                                          message=f"{self.start_failed}: {exc}."),
+                               max_attempts=self.settings.max_attempts)
                 return
             if run is not None:
                 self._runs[claim.job_id] = run
@@ -309,26 +313,28 @@ class DispatchingExecutor(ABC, Generic[RunT]):
         if job is None or job.status != RUNNING or job.run_id != run.claim.run_id:
             return  # the worker finished the job itself (or it was reassigned)
         self._before_recording(run, job)
-        if run.reason == "timeout":
-            self.store.finish(job_id=job.id, run_id=run.claim.run_id, status=FAILED, error_code="job_timeout",
-                              error_message=f"The job exceeded the time limit of {self.settings.job_timeout_s:.0f} s "
-                                            "and was stopped. Use fewer sparsity levels, a smaller calibration set, "
-                                            "or ask the operator to raise CERTIPRUNE_JOB_TIMEOUT_S.")
-        elif run.reason == "cancel":
-            self.store.finish(job_id=job.id, run_id=run.claim.run_id, status=CANCELLED)
-        elif (failure := self._failure_without_retry(run, job)) is not None:
-            code, message = failure
-            self.store.finish(job_id=job.id, run_id=run.claim.run_id, status=FAILED, error_code=code,
-                              error_message=message)
-        elif run.reason == "shutdown":
-            new = self.store.requeue_run(job_id=job.id, run_id=run.claim.run_id,
-                                         message="The service shut down while the job was running; it will run again.")
+        outcome = self._outcome_of(run, job)
+        new = record_outcome(self.store, run.claim, outcome, max_attempts=self.settings.max_attempts)
+        if outcome.status == INTERRUPTED:
             self.log.warning("job %s interrupted by shutdown; now %s", job.id, new)
-        else:
-            death = self._describe_death(run)
-            new = self.store.interrupt(job_id=job.id, run_id=run.claim.run_id, max_attempts=self.settings.max_attempts,
-                                       code="worker_died", message=death)
-            self.log.warning("job %s: %s Job is now %s", job.id, death, new)
+        elif outcome.status == LOST:
+            self.log.warning("job %s: %s Job is now %s", job.id, outcome.message, new)
+
+    def _outcome_of(self, run: RunT, job: Job) -> Outcome:
+        """How a run whose worker ended without recording an outcome ended, as this dispatcher saw it."""
+        if run.reason == "timeout":
+            return Outcome(FAILED, code="job_timeout",
+                           message=f"The job exceeded the time limit of {self.settings.job_timeout_s:.0f} s and was "
+                                   "stopped. Use fewer sparsity levels, a smaller calibration set, or ask the "
+                                   "operator to raise CERTIPRUNE_JOB_TIMEOUT_S.")
+        if run.reason == "cancel":
+            return Outcome(CANCELLED)
+        if (failure := self._failure_without_retry(run, job)) is not None:
+            code, message = failure
+            return Outcome(FAILED, code=code, message=message)
+        if run.reason == "shutdown":
+            return Outcome(INTERRUPTED, message="The service shut down while the job was running; it will run again.")
+        return Outcome(LOST, code="worker_died", message=self._describe_death(run))
 
     def _shutdown_runs(self) -> None:
         """Orderly stop: stop the workers, then give their jobs back to the queue (no attempt counted)."""

@@ -2,7 +2,8 @@
 
 The API process only claims and dispatches. The Ray task spawns the job's supervisor
 (``service.worker.run_job``), which runs the uploaded model in its sandboxed child — the same code,
-sandbox and processes as the local executor's; the supervisor is the only writer of the job's state. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
+sandbox and processes as the local executor's; every end of a run is written by
+``service.supervisor.record_outcome``. A job that wants CUDA asks Ray for ``num_gpus=1``, so Ray places it on
 a free GPU and sets ``CUDA_VISIBLE_DEVICES`` for it.
 
 Retries belong to the job store, not to Ray (``max_retries=0``): when a worker process or a node
@@ -30,6 +31,7 @@ from ray import exceptions as ray_errors
 from ..settings import Settings
 from ..storage import S3_ENDPOINT_ENV
 from ..store import FAILED, RUNNING, Claim, JobStore, utcnow
+from ..supervisor import Outcome, record_outcome
 from .base import DispatchingExecutor, Run, describe_exit, deterministic_failure
 
 log = logging.getLogger("certiprune.executor.ray")
@@ -88,7 +90,7 @@ def run_on_ray_worker(job_id: str, run_id: str, settings_dict: dict[str, Any]) -
         if failure is None:
             raise JobProcessDied(f"The job's process {describe_exit(child.exitcode)}.")
         code, message = failure
-        store.finish(job_id=job_id, run_id=run_id, status=FAILED, error_code=code, error_message=message)
+        record_outcome(store, Claim(job_id=job_id, run_id=run_id), Outcome(FAILED, code=code, message=message))
         return placement
     finally:
         store.close()
@@ -209,10 +211,10 @@ class RayExecutor(DispatchingExecutor[_Run]):
         job = self.store.get(job_id=claim.job_id)
         gpus = gpus_for(job.config if job else {}, self._cluster_resources().get("GPU", 0))
         if gpus is None:
-            self.store.finish(job_id=claim.job_id, run_id=claim.run_id, status=FAILED,
-                              error_code="cuda_unavailable",
-                              error_message="The config asks for device 'cuda' but the Ray cluster has no GPU. "
-                                            "Use device 'auto' or 'cpu', or add a GPU worker to the cluster.")
+            record_outcome(self.store, claim, Outcome(
+                FAILED, code="cuda_unavailable",
+                message="The config asks for device 'cuda' but the Ray cluster has no GPU. Use device 'auto' or "
+                        "'cpu', or add a GPU worker to the cluster."))
             return None
         ref = self._task.options(num_gpus=gpus, name=f"certiprune:{claim.job_id}").remote(
             claim.job_id, claim.run_id, self._settings_dict)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from service.store import JobStore, make_worker_id, new_dataset_id, new_job_id, utcnow
+from service.supervisor import recover_orphans
 
 
 @pytest.fixture
@@ -108,12 +109,12 @@ def test_interrupted_jobs_are_requeued_then_failed_after_max_attempts(store: Job
     dead = "some-host:1:deadbeef"
     gone = lambda w: w == dead  # noqa: E731
     claim = store.claim_next(worker_id=dead)
-    assert store.requeue_interrupted(max_attempts=2, is_gone=gone) == {job_id: "queued"}
+    assert recover_orphans(store, max_attempts=2, is_gone=gone) == {job_id: "queued"}
     job = store.get(job_id=job_id)
     assert (job.status, job.attempts, job.started_at) == ("queued", 1, None)
     claim = store.claim_next(worker_id=dead)
     assert claim.job_id == job_id
-    assert store.requeue_interrupted(max_attempts=2, is_gone=gone) == {job_id: "failed"}
+    assert recover_orphans(store, max_attempts=2, is_gone=gone) == {job_id: "failed"}
     job = store.get(job_id=job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_interrupted", 2)
     assert "2 time(s)" in job.error_message
@@ -123,8 +124,8 @@ def test_live_workers_keep_their_jobs_until_the_heartbeat_goes_stale(store: JobS
     job_id = add(store)
     claim = store.claim_next(worker_id="other-host:1:abc")
     alive = lambda w: False  # noqa: E731
-    assert store.requeue_interrupted(max_attempts=2, is_gone=alive, stale_before=utcnow() - timedelta(seconds=30)) == {}
-    assert store.requeue_interrupted(max_attempts=2, is_gone=alive, stale_before=utcnow() + timedelta(seconds=1)) == {
+    assert recover_orphans(store, max_attempts=2, is_gone=alive, stale_before=utcnow() - timedelta(seconds=30)) == {}
+    assert recover_orphans(store, max_attempts=2, is_gone=alive, stale_before=utcnow() + timedelta(seconds=1)) == {
         job_id: "queued"}
     assert not store.is_current_run(job_id=job_id, run_id=claim.run_id)
 
