@@ -12,6 +12,25 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v:.2%}"
 
 
+def candidate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """How the candidates were built beyond masking (BN statistics, fine-tuning), for the text and HTML reports."""
+    rows: list[tuple[str, str]] = []
+    bn = result.get("bn_statistics")
+    if isinstance(bn, dict) and isinstance(bn.get("chosen"), dict):
+        chosen = ", ".join(f"{k} {v}" for k, v in bn["chosen"].items() if isinstance(v, int) and v)
+        if bn.get("mode") == "choose":
+            rows.append(("BN statistics", f"per level, the better on a held-out half of the tuning split "
+                                          f"({bn.get('n_check', '?')} samples): {chosen or 'no level built'}"))
+        else:
+            rows.append(("BN statistics", f"re-estimated on the tuning split at every level ({chosen or 'none'})"))
+    ft = result.get("finetune")
+    if isinstance(ft, dict):
+        rows.append(("fine-tuning", f"{ft.get('steps')} steps per level on the tuning split, "
+                                    f"{ft.get('loss_description', ft.get('loss'))}, mask fixed "
+                                    f"(lr {ft.get('lr')} relative, batch {ft.get('batch_size')})"))
+    return rows
+
+
 def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
     """A short plain-text report for terminals: the guarantee, the numbers, the tested levels."""
     lines = [
@@ -39,6 +58,7 @@ def format_summary(result: dict[str, Any], *, max_rows: int = 12) -> str:
                                                 f"{len(reconstruction['layers'])} of "
                                                 f"{reconstruction.get('of_layers', len(reconstruction['layers']))} "
                                                 f"layers reconstructed, {len(reconstruction['skipped'])} masked only"))
+    lines += [f"{label:<19}: {text}" for label, text in candidate_rows(result)]
     if result.get("bound_note"):
         lines.append(f"note on the bound   : {result['bound_note']}")
     more = result.get("more_data")
@@ -77,7 +97,9 @@ EPSILON_COLOUR = "#c0392b"
 LAMBDA_COLOUR = "#1e8449"
 
 
-def _num(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite int or float (not a bool), else None: what a result field
+    read for a plot or a page may hold (JSON gives ints, floats, null; older results may lack a field)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -96,19 +118,20 @@ def _series(result: dict[str, Any]) -> list[dict[str, Any]]:
 def evaluated_levels(levels: Any) -> list[dict[str, Any]]:
     """The levels that were tested and have a risk (older results may lack ``evaluated``: tested)."""
     return [lv for lv in (levels or []) if isinstance(lv, dict) and lv.get("evaluated", True)
-            and _num(lv.get("sparsity")) is not None and _num(lv.get("empirical_risk")) is not None]
+            and finite_number(lv.get("sparsity")) is not None
+            and finite_number(lv.get("empirical_risk")) is not None]
 
 
 def plot_ranges(result: dict[str, Any]) -> tuple[float, float, float, float, bool]:
     """(x_lo, x_hi, y_lo, y_hi, cut): the y range shows ε and every level up to each criterion's first
     failure; what lies far above (a full curve rising to 0.5, bounds shooting to 1) is cut off, ``cut``
     says so, so that the region around ε — where the decision is made — stays readable."""
-    epsilon = _num(result.get("epsilon")) or 0.0
+    epsilon = finite_number(result.get("epsilon")) or 0.0
     xs, risks, values, decisive = [], [], [], []
     for crit in _series(result):
         failed = False
         for lv in evaluated_levels(crit.get("levels")):
-            x, r, u = float(lv["sparsity"]), float(lv["empirical_risk"]), _num(lv.get("upper_bound"))
+            x, r, u = float(lv["sparsity"]), float(lv["empirical_risk"]), finite_number(lv.get("upper_bound"))
             xs.append(x)
             risks.append(r)
             values += [r] if u is None else [r, u]
@@ -138,18 +161,19 @@ def risk_plot_data(result: dict[str, Any]) -> dict[str, Any]:
     per-point tooltips) that the page and its tests rely on. So the two renderers share everything that
     decides what is shown; each only maps it to its own coordinates. Pure Python: no matplotlib, no torch.
     """
-    epsilon = _num(result.get("epsilon")) or 0.0
-    certified = _num(result.get("certified_sparsity"))
+    epsilon = finite_number(result.get("epsilon")) or 0.0
+    certified = finite_number(result.get("certified_sparsity"))
     is_certified = bool(result.get("certified")) and certified is not None and certified > 0
     x_lo, x_hi, y_lo, y_hi, cut = plot_ranges(result)
     series = []
     for i, crit in enumerate(_series(result)):
-        delta = _num(crit.get("delta"))
+        delta = finite_number(crit.get("delta"))
         series.append({
             "criterion": crit.get("criterion"), "colour": PALETTE[i % len(PALETTE)], "delta": delta,
             "confidence": f"{(1 - delta) * 100:.3g}% " if delta is not None else "",
             "levels": [{"sparsity": float(lv["sparsity"]), "risk": float(lv["empirical_risk"]),
-                        "upper_bound": _num(lv.get("upper_bound")), "p_value": _num(lv.get("p_value")),
+                        "upper_bound": finite_number(lv.get("upper_bound")),
+                        "p_value": finite_number(lv.get("p_value")),
                         "rejected": bool(lv.get("rejected"))} for lv in evaluated_levels(crit.get("levels"))],
         })
     return {"series": series, "epsilon": epsilon, "certified": is_certified,
@@ -197,7 +221,7 @@ def risk_curve_figure(result: dict[str, Any]):  # -> matplotlib.figure.Figure
     ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
     ax.set_ylabel(RISK_LABELS.get(plot["risk"], plot["risk"]))
     verdict = f"certified {plot['certified_sparsity']:.0%} sparsity" if plot["certified"] else "nothing certified"
-    ax.set_title(f"certiprune: {verdict} (ε = {eps:g}, δ = {_num(result.get('delta')) or 0:g})")
+    ax.set_title(f"certiprune: {verdict} (ε = {eps:g}, δ = {finite_number(result.get('delta')) or 0:g})")
     if plot["cut"]:
         ax.annotate(f"values above {high:.3g} are cut off", xy=(0.99, 0.02), xycoords="axes fraction",
                     ha="right", fontsize=7, color="grey")
@@ -214,5 +238,5 @@ def plot_risk_curve(result: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["evaluated_levels", "format_summary", "plot_ranges", "plot_risk_curve", "risk_curve_figure",
-           "risk_plot_data"]
+__all__ = ["candidate_rows", "evaluated_levels", "finite_number", "format_summary", "plot_ranges", "plot_risk_curve",
+           "risk_curve_figure", "risk_plot_data"]

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from markupsafe import Markup
 
-from calibration.report import evaluated_levels, plot_ranges, risk_plot_data
+from calibration.report import candidate_rows, evaluated_levels, finite_number, plot_ranges, risk_plot_data
 
 from .web import env, static_text
 
@@ -30,12 +30,6 @@ REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base
 W, H = 850, 360
 LEFT, TOP, PLOT_W, PLOT_H = 64, 16, 540, 290
 LEGEND_X = LEFT + PLOT_W + 16
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -51,12 +45,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _pct(value: Any, digits: int = 2) -> str:
-    v = _num(value)
+    v = finite_number(value)
     return "—" if v is None else f"{v:.{digits}%}"
 
 
 def _int(value: Any) -> str:
-    v = _num(value)
+    v = finite_number(value)
     return "—" if v is None else f"{int(v):,}"
 
 
@@ -70,7 +64,7 @@ def _c(value: float) -> str:
 
 
 def human_bytes(n: Any) -> str:
-    v = _num(n)
+    v = finite_number(n)
     if v is None:
         return "—"
     for unit in ("B", "KB", "MB", "GB"):
@@ -167,9 +161,9 @@ def risk_plot_svg(result: dict[str, Any]) -> str:
 
 def plain_words(result: dict[str, Any]) -> str:
     """The guarantee once more, for someone who has never heard of Learn then Test."""
-    eps = _num(result.get("epsilon"))
-    delta = _num(result.get("delta"))
-    s = _num(result.get("certified_sparsity"))
+    eps = finite_number(result.get("epsilon"))
+    delta = finite_number(result.get("delta"))
+    s = finite_number(result.get("certified_sparsity"))
     if not result.get("certified") or not s or eps is None or delta is None:
         return ("No tested sparsity passed the test, so nothing could be removed with the requested confidence: "
                 "the downloadable model is the original one. A larger tolerance ε, a larger δ or more "
@@ -194,8 +188,8 @@ def plain_words(result: dict[str, Any]) -> str:
 
 
 def _cards(result: dict[str, Any], model_bytes: int | None) -> list[dict[str, Any]]:
-    dense, pruned = _num(result.get("dense_accuracy")), _num(result.get("pruned_accuracy"))
-    delta = _num(result.get("delta"))
+    dense, pruned = finite_number(result.get("dense_accuracy")), finite_number(result.get("pruned_accuracy"))
+    delta = finite_number(result.get("delta"))
     cards = [
         ("Certified sparsity", _pct(result.get("certified_sparsity"), 0),
          f"of prunable weights, criterion {_text(result.get('criterion'))}"),
@@ -215,7 +209,7 @@ def _cards(result: dict[str, Any], model_bytes: int | None) -> list[dict[str, An
 def _criteria(result: dict[str, Any]) -> list[dict[str, Any]]:
     chosen = result.get("criterion")
     return [{"name": c.get("criterion"), "chosen": c.get("criterion") == chosen,
-             "delta": _fmt(_num(c.get("delta")), 3), "certified_sparsity": _pct(c.get("certified_sparsity")),
+             "delta": _fmt(finite_number(c.get("delta")), 3), "certified_sparsity": _pct(c.get("certified_sparsity")),
              "certified": _fmt(bool(c.get("certified"))), "levels": len(evaluated_levels(c.get("levels")))}
             for c in (result.get("criteria") or []) if isinstance(c, dict)]
 
@@ -225,7 +219,7 @@ def _layers(result: dict[str, Any]) -> list[dict[str, Any]]:
     for lyr in (result.get("layers") or []):
         if not isinstance(lyr, dict):
             continue
-        frac = min(max(_num(lyr.get("sparsity")) or 0.0, 0.0), 1.0)
+        frac = min(max(finite_number(lyr.get("sparsity")) or 0.0, 0.0), 1.0)
         rows.append({"name": lyr.get("name"), "type": lyr.get("type"), "parameters": _int(lyr.get("parameters")),
                      "zeroed": _int(lyr.get("zeroed")), "sparsity": f"{frac:.1%}", "bar_width": f"{frac * 100:.1f}%"})
     return rows
@@ -264,8 +258,9 @@ def _settings_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                      f"unavailable, plain masks: {rec['unavailable']}" if rec.get("unavailable")
                      else f"{len(rec.get('layers') or [])} layers reconstructed on the tuning split, "
                           f"{len(rec.get('skipped') or {})} masked only"))
+    rows += candidate_rows(result)
     more = result.get("more_data")
-    if isinstance(more, dict) and _num(more.get("sparsity")) is not None:
+    if isinstance(more, dict) and finite_number(more.get("sparsity")) is not None:
         needed = more.get("n_calibration_needed")
         rows.append(("next level",
                      f"{_pct(more['sparsity'])} was not certified with {_fmt(more.get('n_calibration'))} samples; "
@@ -273,7 +268,7 @@ def _settings_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                         "not part of the guarantee)" if isinstance(needed, int) else
                         "at its observed risk, more data alone would not certify it")))
     timings = result.get("timings")
-    total_s = _num(timings.get("total_s")) if isinstance(timings, dict) else None
+    total_s = finite_number(timings.get("total_s")) if isinstance(timings, dict) else None
     if total_s is not None:
         rows.append(("time", f"{total_s:.1f} s"))
     return rows
@@ -281,16 +276,17 @@ def _settings_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _levels(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"ok": bool(lv.get("rejected")), "sparsity": _pct(lv.get("sparsity")),
-             "risk": _fmt(_num(lv.get("empirical_risk"))), "upper_bound": _fmt(_num(lv.get("upper_bound"))),
-             "p_value": _fmt(_num(lv.get("p_value")), 3),
+             "risk": _fmt(finite_number(lv.get("empirical_risk"))),
+             "upper_bound": _fmt(finite_number(lv.get("upper_bound"))),
+             "p_value": _fmt(finite_number(lv.get("p_value")), 3),
              "rejected": "yes" if lv.get("rejected") else ("no" if lv.get("evaluated", True) else "not evaluated")}
             for lv in (result.get("levels") or []) if isinstance(lv, dict)]
 
 
 def report_view(job_id: str, result: dict[str, Any], *, model_bytes: int | None = None) -> dict[str, Any]:
     """Everything ``templates/report.html`` shows, as plain values (the template escapes them)."""
-    certified = bool(result.get("certified")) and bool(_num(result.get("certified_sparsity")))
-    s = _num(result.get("certified_sparsity"))
+    certified = bool(result.get("certified")) and bool(finite_number(result.get("certified_sparsity")))
+    s = finite_number(result.get("certified_sparsity"))
     job = quote(str(job_id), safe="")
     criteria = _criteria(result)
     return {
