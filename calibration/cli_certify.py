@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import BOUNDS, CRITERIA, PATTERNS, PRECISIONS, PROCEDURES, RISKS
+from .config import BN_STATISTICS, BOUNDS, CRITERIA, FINETUNE_LOSSES, PATTERNS, PRECISIONS, PROCEDURES, RISKS
 from .errors import CalibrationError
 
 EXAMPLES = """examples:
@@ -71,6 +71,17 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
                    help="never prune the weights whose parameter name matches one of these glob patterns")
     p.add_argument("--reconstruct", action="store_true",
                    help="re-fit the kept weights of each layer on D_tune after masking (Optimal Brain Surgeon)")
+    p.add_argument("--finetune", nargs="?", const=-1, type=int, metavar="STEPS",
+                   help="fine-tune each level's kept weights on D_tune with its mask fixed (labels, or distillation to "
+                        "the dense model without them); optionally the number of steps (default 200)")
+    p.add_argument("--finetune-lr", type=float, metavar="LR",
+                   help="relative fine-tuning rate: each layer's Adam step is LR × the RMS of its weights (default 0.02)")
+    p.add_argument("--finetune-loss", choices=FINETUNE_LOSSES,
+                   help="labels (cross-entropy), distill (to the dense model's logits) or auto (labels for a labelled "
+                        "risk when there are labels; default)")
+    p.add_argument("--bn-statistics", choices=BN_STATISTICS,
+                   help="choose (default: per level the dense, re-estimated or blended BatchNorm statistics, whichever "
+                        "a held-out half of D_tune prefers) or reestimate (always re-estimate on D_tune)")
     p.add_argument("--pattern", choices=PATTERNS,
                    help="semi-structured sparsity: the levels are which layers are made 2:4 (no --sparsities)")
     p.add_argument("--output", metavar="INDEX_OR_KEY",
@@ -79,6 +90,21 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON object with any config fields (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def finetune_from_args(steps: int | None, lr: float | None, loss: str | None) -> dict[str, Any] | None:
+    """The ``finetune`` config object from ``--finetune [STEPS]``, ``--finetune-lr``, ``--finetune-loss``
+    (either of the last two turns fine-tuning on)."""
+    if steps is None and lr is None and loss is None:
+        return None
+    out: dict[str, Any] = {}
+    if steps is not None and steps >= 0:
+        out["steps"] = steps
+    if lr is not None:
+        out["lr"] = lr
+    if loss is not None:
+        out["loss"] = loss
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +133,11 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         cfg["pattern"] = args.pattern
     if args.no_bn_recalibration:
         cfg["bn_recalibration"] = False
+    if args.bn_statistics:
+        cfg["bn_statistics"] = args.bn_statistics
+    finetune = finetune_from_args(args.finetune, args.finetune_lr, args.finetune_loss)
+    if finetune is not None:
+        cfg["finetune"] = finetune
     if args.output is not None:
         text = args.output.strip()
         cfg["output"] = int(text) if text.lstrip("-").isdigit() else text

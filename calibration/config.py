@@ -24,6 +24,25 @@ PLANNING_TUNE_FRACTION = 0.1
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 PATTERNS = ("2:4",)  # semi-structured patterns (calibration.patterns)
+BN_STATISTICS = ("choose", "reestimate")  # calibration.candidates.BatchNormChooser
+
+
+FINETUNE_LOSSES = ("auto", "labels", "distill")  # calibration.finetune
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How every level's candidate is fine-tuned on D_tune (``finetune`` in the job's config)."""
+
+    steps: int = 200
+    lr: float = 0.02  # relative: each layer's Adam learning rate is lr × the RMS of its dense weights
+    batch_size: int = 64
+    loss: str = "auto"  # auto: labels for a labelled risk when D_tune has labels, else distill
+
+    def resolved_loss(self, labelled_risk: bool, has_labels: bool) -> str:
+        if self.loss != "auto":
+            return self.loss
+        return "labels" if labelled_risk and has_labels else "distill"
 
 
 def default_sparsities() -> tuple[float, ...]:
@@ -52,11 +71,13 @@ class CertifyConfig:
     prune_include: tuple[str, ...] | None = None  # glob patterns over parameter names: only these (calibration.discovery)
     prune_exclude: tuple[str, ...] = ()  # glob patterns over parameter names: never these
     bn_recalibration: bool | None = None  # None: on when the model has BatchNorm
+    bn_statistics: str = "choose"  # choose: dense/re-estimated/blended per level on D_tune; reestimate: always
     full_curve: bool = False  # evaluate every level, also after testing stopped
     mu_steps: int = 64  # re-created trajectory length for mu without uploaded statistics
     mu_lr: float = 1e-3
     obd_samples: int = 256  # per-sample gradients averaged for the Fisher diagonal
     reconstruct: bool = False  # re-fit kept weights on D_tune after masking (calibration.reconstruct)
+    finetune: FinetuneConfig | None = None  # train kept weights on D_tune, mask fixed (calibration.finetune)
     pattern: str | None = None  # None: unstructured; "2:4": the grid is which layers are made 2:4
     cudnn_benchmark: bool | None = None  # None: cuDNN's autotuner only for jobs large enough (fast_eval)
     output: int | str | None = None  # the logits in a tuple/list (index) or dict (key) output; None: first tensor / 'logits'
@@ -66,7 +87,8 @@ class CertifyConfig:
 
     def needs_tune_data(self, has_batchnorm: bool) -> bool:
         bn = self.bn_recalibration if self.bn_recalibration is not None else has_batchnorm
-        return any(c in DATA_CRITERIA for c in self.criterion) or bool(bn and has_batchnorm) or self.reconstruct
+        return (any(c in DATA_CRITERIA for c in self.criterion) or bool(bn and has_batchnorm) or self.reconstruct
+                or self.finetune is not None)
 
     def resolved_tune_fraction(self, has_batchnorm: bool) -> float:
         if self.tune_fraction is not None:
@@ -81,6 +103,7 @@ class CertifyConfig:
         d["sparsities"] = list(self.sparsities)
         d["prune_include"] = None if self.prune_include is None else list(self.prune_include)
         d["prune_exclude"] = list(self.prune_exclude)
+        d["finetune"] = None if self.finetune is None else asdict(self.finetune)
         return d
 
 
@@ -159,6 +182,37 @@ def _name_patterns(name: str, value: Any) -> tuple[str, ...]:
             raise _fail(name, "a list of non-empty glob patterns (strings of at most 500 characters)", value,
                         f"Offending entry: {item!r}.")
     return tuple(items)
+
+
+def _finetune(value: Any) -> FinetuneConfig | None:
+    """``false``/``null``: off; ``true``: the defaults; an object with any of steps, lr, batch_size, loss."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return FinetuneConfig()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return FinetuneConfig(steps=_int("finetune", value, 1, 1_000_000))
+    expected = ("true, false, a number of steps, or an object with any of 'steps', 'lr', 'batch_size', "
+                "'loss'")
+    if not isinstance(value, dict):
+        raise _fail("finetune", expected, value)
+    unknown = sorted(set(value) - {"steps", "lr", "batch_size", "loss"})
+    if unknown:
+        raise _fail("finetune", expected, value, f"Unknown key(s): {', '.join(map(repr, unknown))}.")
+    kw: dict[str, Any] = {}
+    if "steps" in value:
+        kw["steps"] = _int("finetune.steps", value["steps"], 0, 1_000_000)
+    if "batch_size" in value:
+        kw["batch_size"] = _int("finetune.batch_size", value["batch_size"], 1, 1 << 16)
+    if "lr" in value:
+        lr = value["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 1:
+            raise _fail("finetune.lr", "a number in (0, 1] (relative: a layer's step is lr × the RMS of its "
+                        "weights)", lr)
+        kw["lr"] = float(lr)
+    if "loss" in value:
+        kw["loss"] = _option("finetune.loss", value["loss"], FINETUNE_LOSSES)
+    return FinetuneConfig(**kw)
 
 
 def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig:
@@ -243,6 +297,10 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
                             "output (a string, e.g. 'logits')", value)
         elif key == "pattern":
             kw[key] = None if value is None else _option(key, value, PATTERNS)
+        elif key == "finetune":
+            kw[key] = _finetune(value)
+        elif key == "bn_statistics":
+            kw[key] = _option(key, value, BN_STATISTICS)
     if kw.get("pattern") is not None and kw.get("sparsities", default_sparsities()) != default_sparsities():
         raise _fail("sparsities", "left at its default when 'pattern' is set", list(kw["sparsities"]),
                     f"With pattern {kw['pattern']!r} the levels are which layers are made {kw['pattern']}, "
@@ -250,5 +308,5 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
     return CertifyConfig(**kw)
 
 
-__all__ = ["CertifyConfig", "validate_config", "default_sparsities", "CRITERIA", "RISKS", "BOUNDS", "PROCEDURES",
-           "PATTERNS"]
+__all__ = ["CertifyConfig", "FinetuneConfig", "FINETUNE_LOSSES", "validate_config", "default_sparsities", "BN_STATISTICS", "CRITERIA", "RISKS", "BOUNDS",
+           "PROCEDURES", "PATTERNS"]

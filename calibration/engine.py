@@ -26,7 +26,9 @@ from .data import CalibrationSet, check_labels, load_calibration, split_tune_cal
 from .errors import CancelledError, ConfigError, DataError, ModelError, exception_summary
 from .fast_eval import Predictor, cudnn_benchmark_rule, effective_precision
 from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, select_output
-from .masks import NestedMasks, apply_masks, restore
+from .candidates import BatchNormChooser, CandidateBuilder, CandidateState
+from .finetune import SOFT_TARGET_ELEMENTS, Finetuner, dense_targets
+from .masks import NestedMasks, restore
 from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
@@ -148,7 +150,7 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
 
 
 def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: float, delta: float,
-                       n_cal: int, criterion: str, bound: str | None = None) -> str:
+                       n_cal: int, criterion: str, bound: str | None = None, advice: str | None = None) -> str:
     """The guarantee in plain words (SPEC §1), for every report."""
     what = {
         "accuracy_drop": f"its accuracy is at most {epsilon:.4g} below the dense model's (accuracy drop ≤ {epsilon:.4g})",
@@ -169,12 +171,31 @@ def guarantee_sentence(*, certified: bool, sparsity: float, risk: str, epsilon: 
         return (f"With probability at least {1 - delta:.4g} {assumption}, the model pruned to "
                 f"{sparsity:.2%} sparsity ({criterion}) satisfies: {what}.")
     return (f"No sparsity level could be certified at ε = {epsilon:.4g}, δ = {delta:.4g} with {n_cal} "
-            "calibration samples: the dense model is returned unchanged (certified: false). More calibration "
-            "data, a larger ε or a finer grid at low sparsity may help.")
+            "calibration samples: the dense model is returned unchanged (certified: false). "
+            + (advice or "More calibration data, a larger ε or a finer grid at low sparsity may help."))
+
+
+def failure_advice(levels: list[dict[str, Any]], epsilon: float) -> str:
+    """What would help when nothing is certified, from the first pruned level tested (its cause, not a list)."""
+    first = next((lvl for lvl in levels if lvl["evaluated"] and lvl["sparsity"] > 0.0), None)
+    if first is None:
+        return "No pruned level was tested: add levels above 0 to 'sparsities'."
+    risk, where = first["empirical_risk"], f"the first level tested ({first['sparsity']:.4g})"
+    if risk is not None and risk > epsilon:
+        if first.get("bn_statistics") in ("reestimated", "blended") and first["sparsity"] <= 0.05:
+            # so little pruned that the statistics, not the zeros, are the likely cause
+            return (f"At {where} the observed risk {risk:.4g} already exceeds ε with BatchNorm statistics "
+                    f"{first['bn_statistics']} on the tuning split: more tuning data (tune_fraction), "
+                    "'bn_recalibration': false, or a finer grid at low sparsity may help.")
+        return (f"At {where} the observed risk {risk:.4g} already exceeds ε: a finer grid at low sparsity, a larger "
+                "ε, or better candidates ('reconstruct', 'finetune') may help; more calibration data would not.")
+    return (f"At {where} the observed risk {risk:.4g} is within ε but {first.get('p_value', float('nan')):.3g} is "
+            "not a small enough p-value: more calibration data (see more_data) or a larger ε may help.")
 
 
 def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool | tuple[int, int], precision: str,
-                  channels_last: bool, on_cuda: bool = False, candidates: dict[str, Any] | None = None) -> str:
+                  channels_last: bool, on_cuda: bool = False, candidates: dict[str, Any] | None = None,
+                  finetune: dict[str, Any] | None = None, bn: dict[str, Any] | None = None) -> str:
     """How the candidates were made and run, for the guarantee sentence (reduced precision: the certificate is
     for the model run that way, and there the memory layout changes the rounding too)."""
     parts = [f"{criterion} scores, {cfg.scope} scope"]
@@ -189,6 +210,13 @@ def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool | t
                          "on the tuning split")
     elif reconstructed:
         parts.append("weights reconstructed on the tuning split")
+    if bn is not None:
+        parts.append("BatchNorm statistics re-estimated on the tuning split" if bn["mode"] == "reestimate" else
+                     "BatchNorm statistics per level the better of dense, re-estimated and blended on a held-out "
+                     "half of the tuning split")
+    if finetune is not None:
+        parts.append(f"kept weights fine-tuned for {finetune['steps']} steps on the tuning split "
+                     f"({finetune['loss_description']})")
     if precision != "fp32" or on_cuda:
         # On CUDA the layout changes which kernels run (and, below fp32, the rounding): name it always.
         layout = "channels-last (NHWC)" if channels_last else "NCHW"
@@ -241,6 +269,66 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list[torch.Tensor],
+                       reconstructor: Reconstructor | None, predictor: Predictor, x_tune: Any, *, use_bn: bool,
+                       risk: str, dense_tune_np: np.ndarray, y_tune: torch.Tensor | None,
+                       y_tune_np: np.ndarray | None, mask_tune: np.ndarray | None) -> CandidateBuilder:
+    """How this job's candidates are built from D_tune (calibration.candidates): BN statistics, fine-tuning."""
+    bn = None
+    if use_bn:
+        # Traced graphs bake eval mode into their BN calls: re-estimate through a rewritten copy (momentum 1).
+        train_forward = batchnorm.train_mode_forward(module)
+
+        def bn_forward(xb: Any) -> Any:
+            return predictor.forward(xb, train_forward)
+
+        def check_risk(rows: np.ndarray, preds: np.ndarray) -> float:
+            """The job's risk of ``preds`` on D_tune's ``rows`` against the dense model (labels where needed)."""
+            return float(empirical_risk(per_sample_losses(
+                risk, preds, dense_tune_np[rows], None if y_tune_np is None else y_tune_np[rows],
+                None if mask_tune is None else mask_tune[rows])))
+
+        def log_probs(x: Any) -> torch.Tensor | None:
+            """Log-softmax outputs on ``x`` (fp32), or None when more than the soft-target limit."""
+            out: list[torch.Tensor] = []
+            size = 0
+            for _, _, logits in predictor.logits_batches(x):
+                size += logits.numel()
+                if size > SOFT_TARGET_ELEMENTS:
+                    return None
+                out.append(logits.float().log_softmax(dim=-1))
+            return torch.cat(out) if out else None
+
+        bn = BatchNormChooser(module, x_tune, cfg.batch_size, seed=cfg.seed, forward=bn_forward,
+                              momentum=None if train_forward is None else 1.0,
+                              check_risk=check_risk if cfg.bn_statistics == "choose" else None,
+                              predict=lambda x: predictor.predict(x).cpu().numpy(), log_probs=log_probs)
+    finetuner = None
+    if cfg.finetune is not None:
+        loss = cfg.finetune.resolved_loss(risk in LABELLED_RISKS, y_tune is not None)
+        if loss == "labels" and y_tune is None:
+            raise ConfigError("Fine-tuning with loss 'labels' needs labels but the data set has no 'y'. Use "
+                              "loss 'distill' (or 'auto'), which trains towards the dense model's outputs.",
+                              code="labels_required")
+        position_mask = None if mask_tune is None else torch.from_numpy(np.asarray(mask_tune)).to(params[0].device)
+        targets = dense_targets(module, x_tune, cfg.batch_size, cfg.output, loss=loss, labels=y_tune,
+                                position_mask=position_mask)
+        finetuner = Finetuner(module, params, x_tune, targets, cfg.finetune, seed=cfg.seed, output=cfg.output)
+    return CandidateBuilder(module, params, reconstructor=reconstructor, bn=bn, finetuner=finetuner)
+
+
+def _level_details(info: dict[str, Any] | None) -> dict[str, Any]:
+    """What a level's candidate build chose, for its row of the result (BN statistics, fine-tuning loss)."""
+    if not info:
+        return {}
+    out: dict[str, Any] = {}
+    if "bn_statistics" in info:
+        out["bn_statistics"] = info["bn_statistics"]
+    if info.get("finetune_loss") is not None:
+        out["finetune_loss"] = round(float(info["finetune_loss"]), 6)
+    return out
 
 
 class _Run:
@@ -304,9 +392,11 @@ def certify(
     split = split_tune_cal(data.n, tune_fraction, cfg.seed)
     if split.tune.size == 0:
         data_criteria = [c for c in cfg.criterion if c == "obd" or (c == "mu" and uncertainty is None)]
-        if data_criteria or (use_bn and cfg.bn_recalibration) or cfg.reconstruct or cfg.procedure == "planned":
+        if data_criteria or (use_bn and cfg.bn_recalibration) or cfg.reconstruct or cfg.procedure == "planned" \
+                or cfg.finetune is not None:
             what = (f"criterion {data_criteria[0]!r}" if data_criteria
                     else "weight reconstruction" if cfg.reconstruct
+                    else "fine-tuning" if cfg.finetune is not None
                     else "planned procedure" if cfg.procedure == "planned" else "BN re-estimation")
             raise ConfigError(f"The {what} needs tuning data (D_tune) but tune_fraction is 0. "
                               "Set tune_fraction > 0 (e.g. 0.25).", code="tune_data_required")
@@ -376,7 +466,6 @@ def certify(
 
         params = [w.param for w in weights]
         originals = [p.detach().clone() for p in params]
-        bn_dense = batchnorm.snapshot(module)
 
         # Scores for every criterion (D_tune only), then nested masks from one sort each.
         t = time.perf_counter()
@@ -407,6 +496,7 @@ def certify(
             run.report("scoring", len(cfg.criterion), len(cfg.criterion), "layer inputs for reconstruction")
             reconstructor = Reconstructor.from_tune(module, weights, x_tune, cfg.batch_size)
             run.timings["reconstruct_setup_s"] = time.perf_counter() - t
+        del originals  # the builder keeps its own copy of the dense weights
 
         # Test every criterion's grid with its share of δ (Bonferroni across criteria).
         t = time.perf_counter()
@@ -418,33 +508,25 @@ def certify(
         per_criterion: list[dict[str, Any]] = []
         bn_status = "no_batchnorm" if not has_bn else ("on" if use_bn else "off")
         evaluated_levels = 0
-        # What each evaluated level looked like when it was tested: its re-estimated BN statistics and
-        # its accuracy on D_cal. The artifact gets exactly the tested statistics (a second re-estimation
-        # could round differently on a GPU) and no extra pass is needed for its accuracy.
-        tested_bn: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
+        # What each evaluated level looked like when it was tested: its accuracy on D_cal (no extra pass
+        # is needed for the artifact's accuracy), and the candidate that is the best certified so far.
         tested_accuracy: dict[tuple[str, int], float] = {}
         failed_losses: dict[tuple[str, int], np.ndarray] = {}  # levels a test did not reject: for `more_data`
-        # Traced graphs bake eval mode into their BN calls: re-estimate through a rewritten copy (momentum 1).
-        bn_train_forward = batchnorm.train_mode_forward(module) if use_bn else None
-        bn_momentum = None if bn_train_forward is None else 1.0
-
-        def bn_forward(xb: torch.Tensor) -> Any:
-            return predictor.forward(xb, bn_train_forward)
+        t_setup = time.perf_counter()
+        builder = _candidate_builder(cfg, module, params, reconstructor, predictor, x_tune, use_bn=use_bn,
+                                     risk=risk, dense_tune_np=dense_tune_np,
+                                     y_tune=y_tune if data.y is not None else None, y_tune_np=y_tune_np,
+                                     mask_tune=mask_tune)
+        run.timings["candidates_setup_s"] = time.perf_counter() - t_setup  # fine-tuning targets
+        best_state: tuple[float, CandidateState] | None = None  # (sparsity, candidate) of the best rejection
+        level_info: dict[tuple[str, int], dict[str, Any]] = {}
 
         def build_candidate(masks: Any, name: str, j: int, sparsity: float) -> None:
-            """Make the module level j's candidate in place: masks, reconstruction, BN re-estimation (D_tune)."""
+            """Make the module level j's candidate in place (calibration.candidates: D_tune only)."""
             nonlocal use_bn, bn_status
-            keep = masks.keep_masks(sparsity)
-            apply_masks(params, originals, keep)
-            if reconstructor is not None:
-                reconstructor.apply(params, originals, keep)
-            if use_bn:
-                ok = batchnorm.reestimate(module, x_tune, cfg.batch_size, bn_forward, bn_momentum)
-                if ok:
-                    tested_bn[(name, j)] = batchnorm.snapshot(module)
-                else:
-                    use_bn, bn_status = False, "unavailable_traced_graph"
-                    batchnorm.load_snapshot(module, bn_dense)
+            level_info[(name, j)] = builder.build(masks.keep_masks(sparsity), j)
+            if builder.bn is not None and not builder.bn.available and use_bn:
+                use_bn, bn_status = False, "unavailable_traced_graph"
 
         tune_levels_evaluated = 0
         for ci, name in enumerate(cfg.criterion):
@@ -466,16 +548,14 @@ def certify(
                     if sparsity > 0.0:
                         build_candidate(masks, name, j, sparsity)
                     else:  # the dense model itself, whichever level the bisection tried before
-                        restore(params, originals)
-                        batchnorm.load_snapshot(module, bn_dense)
+                        builder.reset()
                     pruned_tune = predictor.predict(x_tune, should_stop).cpu().numpy()
                     return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np, mask_tune)
 
                 plan = plan_sequence(n_levels, lambda j: predict_pass(bound, risk, tune_losses(j),
                                                                        int(split.cal.size), cfg.epsilon, alpha))
                 tune_levels_evaluated += len(plan.tune_evaluated)
-                restore(params, originals)
-                batchnorm.load_snapshot(module, bn_dense)
+                builder.reset()
                 crit_procedure = PlannedSequence(plan.sequence)
             planned = None if plan is None else set(plan.sequence)
             for j, sparsity in enumerate(grid):
@@ -507,7 +587,14 @@ def certify(
                 if procedure.stops_early and p > delta_each:
                     stopped = True
                 levels.append({"sparsity": sparsity, "empirical_risk": risk_hat, "p_value": p,
-                               "rejected": False, "evaluated": True, "upper_bound": ucb})
+                               "rejected": False, "evaluated": True, "upper_bound": ucb,
+                               **_level_details(level_info.get((name, j)))})
+                # Levels are tested in ascending order and a level's rejection depends on the p-values up
+                # to it only: the final λ̂ is the last level rejected when it was tested. Keep that
+                # candidate (ties across criteria: the first listed, as below).
+                if sparsity > 0.0 and crit_procedure.rejected(p_values, delta_each)[j] and \
+                        (best_state is None or sparsity > best_state[0]):
+                    best_state = (sparsity, builder.snapshot())
             rejected = crit_procedure.rejected(p_values, delta_each)
             for lvl, rej in zip(levels, rejected):
                 lvl["rejected"] = bool(rej)
@@ -517,8 +604,7 @@ def certify(
                                   "certified": certified_sparsity > 0.0, "levels": levels})
             if plan is not None:
                 per_criterion[-1]["plan"] = {**plan.to_dict(), "sparsities": [grid[i] for i in plan.sequence]}
-            restore(params, originals)
-            batchnorm.load_snapshot(module, bn_dense)
+            builder.reset()
         run.timings["testing_s"] = time.perf_counter() - t
         run.timings["testing_setup_s"] = predictor.setup_s - run.timings["dense_setup_s"]  # new shapes' warm-ups
 
@@ -534,14 +620,10 @@ def certify(
         del failed_losses
         if certified:
             chosen_level = (best["criterion"], grids[best["criterion"]].index(certified_sparsity))
-            keep = masks.keep_masks(certified_sparsity)
-            apply_masks(params, originals, keep)
-            if reconstructor is not None:  # a pure function of (weights, mask, H): the weights that were tested
-                reconstructor.apply(params, originals, keep)
-            if chosen_level in tested_bn:
-                batchnorm.load_snapshot(module, tested_bn[chosen_level])
+            assert best_state is not None and best_state[0] == certified_sparsity
+            builder.load(best_state[1])  # exactly the tested candidate: weights and BN statistics
             pruned_accuracy = tested_accuracy.get(chosen_level, pruned_accuracy)
-        del tested_bn
+        del best_state
 
     precision = effective_precision(cfg.precision, device)  # reduced precisions exist on CUDA only
     layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
@@ -578,6 +660,8 @@ def certify(
         "levels_evaluated": evaluated_levels,
         "levels_evaluated_tune": tune_levels_evaluated,  # planned procedure: levels D_tune evaluated to plan
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
+        "bn_statistics": builder.bn.summary() if builder.bn is not None and use_bn else None,
+        "finetune": builder.finetuner.describe() if builder.finetuner is not None else None,
         "more_data": more_data,
         "bound_note": _bound_note(bound, risk, cfg.epsilon),
         "pattern": cfg.pattern,
@@ -585,11 +669,14 @@ def certify(
                            if isinstance(masks, PatternMasks) else None),
         "guarantee": guarantee_sentence(certified=certified, sparsity=certified_sparsity, risk=risk, bound=bound,
                                         epsilon=cfg.epsilon, delta=cfg.delta, n_cal=int(split.cal.size),
+                                        advice=None if certified else failure_advice(best["levels"], cfg.epsilon),
                                         criterion=_method_label(
                                             best["criterion"], cfg,
                                             reconstructed=((len(reconstructor.hessians), len(weights))
                                                            if reconstructor is not None else False),
                                             candidates=discovery.summary(),
+                                            finetune=builder.finetuner.describe() if builder.finetuner else None,
+                                            bn=builder.bn.summary() if builder.bn is not None and use_bn else None,
                                             precision=precision, channels_last=bool(predictor.channels_last),
                                             on_cuda=device.type == "cuda")),
         "artifact_sha256": None,

@@ -113,8 +113,8 @@ def forward_arguments(module: torch.nn.Module) -> list[tuple[str, bool]] | None:
         args = list(schema.arguments)
     except Exception:
         return None
-    if args and args[0].name == "self":
-        args = args[1:]
+    if args and (args[0].name == "self" or isinstance(args[0].type, torch._C.ClassType)):
+        args = args[1:]  # the module itself, whatever its parameter is called
     return [(a.name, bool(a.has_default_value())) for a in args]
 
 

@@ -85,18 +85,22 @@ def is_traced(module: torch.nn.Module) -> bool:
 
 
 def save_model(module: torch.jit.ScriptModule, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename): a half-written artifact is never visible."""
+    """Write atomically (temp file + rename): a half-written artifact is never visible.
+
+    The archive's inner folder is named after the file, so the temporary file gets the final name inside
+    a private temporary folder: the same model saved to the same name gives the same bytes (a job's
+    artifact checksum does not depend on a random temporary name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    tmp = tmp_dir / path.name
     try:
         with quiet_torchscript_warnings():
-            module.save(tmp)
+            module.save(str(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_dir.rmdir()
 
 
 def resolve_device(requested: str) -> torch.device:

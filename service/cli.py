@@ -184,6 +184,16 @@ def _build_config(args: argparse.Namespace) -> dict[str, Any]:
             config[key] = value
     if args.sparsities:
         config["sparsities"] = [float(s) for s in args.sparsities.split(",")]
+    if getattr(args, "reconstruct", False):
+        config["reconstruct"] = True
+    if getattr(args, "bn_statistics", None):
+        config["bn_statistics"] = args.bn_statistics
+    from calibration.cli_certify import finetune_from_args  # torch-free: config and errors only
+
+    finetune = finetune_from_args(getattr(args, "finetune", None), getattr(args, "finetune_lr", None),
+                                  getattr(args, "finetune_loss", None))
+    if finetune is not None:
+        config["finetune"] = finetune
     return config
 
 
@@ -530,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
     p.add_argument("--sparsities", help="comma-separated grid, e.g. 0.1,0.2,0.3")
+    p.add_argument("--reconstruct", action="store_true", help="re-fit each layer's kept weights on D_tune")
+    p.add_argument("--finetune", nargs="?", const=-1, type=int, metavar="STEPS",
+                   help="fine-tune each level's kept weights on D_tune, mask fixed (optionally the number of steps)")
+    p.add_argument("--finetune-lr", type=float, metavar="LR", help="relative fine-tuning rate (default 0.02)")
+    p.add_argument("--finetune-loss", choices=("auto", "labels", "distill"))
+    p.add_argument("--bn-statistics", choices=("choose", "reestimate"))
     p.add_argument("--wait", action="store_true", help="poll until the job ends, with a progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", help="write the pruned model here (implies --wait); its checksum is verified")
