@@ -167,6 +167,7 @@ class CandidateBuilder:
         if self.finetuner is not None:
             self.finetuner.run(keep_masks, level)
             info["finetune_loss"] = self.finetuner.last_loss
+            info["finetune_step"] = self.finetuner.last_kept_step
         return info
 
     def reset(self) -> None:

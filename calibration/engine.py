@@ -215,8 +215,8 @@ def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool | t
                      "BatchNorm statistics per level the better of dense, re-estimated and blended on a held-out "
                      "half of the tuning split")
     if finetune is not None:
-        parts.append(f"kept weights fine-tuned for {finetune['steps']} steps on the tuning split "
-                     f"({finetune['loss_description']})")
+        parts.append(f"kept weights fine-tuned for up to {finetune['steps']} steps on the tuning split "
+                     f"({finetune['loss_description']}; the step kept by a held-out part of it)")
     if precision != "fp32" or on_cuda:
         # On CUDA the layout changes which kernels run (and, below fp32, the rounding): name it always.
         layout = "channels-last (NHWC)" if channels_last else "NCHW"
@@ -327,7 +327,8 @@ def _level_details(info: dict[str, Any] | None) -> dict[str, Any]:
     if "bn_statistics" in info:
         out["bn_statistics"] = info["bn_statistics"]
     if info.get("finetune_loss") is not None:
-        out["finetune_loss"] = round(float(info["finetune_loss"]), 6)
+        out["finetune_loss"] = round(float(info["finetune_loss"]), 6)  # held-out loss of the kept weights
+        out["finetune_step"] = info.get("finetune_step")  # the step kept (0: fine-tuning did not help)
     return out
 
 

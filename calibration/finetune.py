@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,8 +107,23 @@ def _batch_loss(logits: torch.Tensor, targets: Targets, idx: torch.Tensor) -> to
     return F.cross_entropy(logits, target)
 
 
+#: Share of D_tune held out to judge the fine-tuning (early stopping; never trained on)
+HOLD_FRACTION = 0.25
+#: Smallest D_tune that is split into a training part and a held-out part (else: all steps, no check)
+MIN_TUNE_FOR_HOLD = 8
+#: Held-out checks per run (and one before the first step)
+CHECKS = 10
+
+
 class Finetuner:
-    """Fine-tunes the live module's prunable weights in place for one level's keep-masks."""
+    """Fine-tunes the live module's prunable weights in place for one level's keep-masks.
+
+    Fine-tuning that cannot hurt (on held-out data): a seeded ``HOLD_FRACTION`` of D_tune is never
+    trained on; the training loss on it is measured before the first step and ``CHECKS`` times during
+    the run, and the weights with the lowest held-out loss are kept — the masked candidate itself when
+    no step helped. Without it, 200 steps of cross-entropy on the 299 tuning images of the digits CNN
+    overfit them and lost accuracy even at 30 % sparsity. Still a function of D_tune alone.
+    """
 
     def __init__(self, module: torch.nn.Module, params: list[torch.Tensor], x_tune: Any, targets: Targets,
                  cfg: FinetuneConfig, *, seed: int, output: int | str | None = None) -> None:
@@ -120,12 +136,32 @@ class Finetuner:
         self.output = output
         # The relative step size is fixed from the dense weights: every level trains at the same scale.
         self.lrs = [cfg.lr * (float(p.detach().float().pow(2).mean().sqrt()) or 1.0) for p in params]
+        n = int(x_tune.shape[0])
+        order = torch.from_numpy(np.random.default_rng([self.seed, 0xF7]).permutation(n))
+        n_hold = int(round(HOLD_FRACTION * n)) if n >= MIN_TUNE_FOR_HOLD else 0
+        self.hold_rows, self.fit_rows = order[:n_hold].sort().values, order[n_hold:].sort().values
         self.last_loss: float | None = None
+        self.last_kept_step: int | None = None
         self.steps_run = 0
+
+    def _loss(self, idx: torch.Tensor) -> torch.Tensor:
+        xb = self.x_tune[idx.to(self.x_tune.device)]
+        # fp32 whatever the evaluation precision (fp16 autocast would need loss scaling)
+        with torch.autocast(self.params[0].device.type, enabled=False):
+            return _batch_loss(select_output(call(self.module, xb), self.output), self.targets,
+                               idx.to(self.targets.values.device))
+
+    @torch.no_grad()
+    def _held_out_loss(self) -> float:
+        total, rows = 0.0, self.hold_rows
+        for start in range(0, rows.numel(), 512):
+            chunk = rows[start:start + 512]
+            total += float(self._loss(chunk)) * chunk.numel()
+        return total / max(1, rows.numel())
 
     def run(self, keep_masks: list[torch.Tensor], level: int) -> None:
         """Train the kept weights (whatever the live weights are now: masked, maybe reconstructed)."""
-        n = self.x_tune.shape[0]
+        n = int(self.fit_rows.numel())
         steps = int(self.cfg.steps)
         if n == 0 or steps == 0:
             return
@@ -134,21 +170,22 @@ class Finetuner:
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(level)) % (2**63 - 1))
         device = self.params[0].device
         keep = [m.to(device=device, dtype=p.dtype) for m, p in zip(keep_masks, self.params)]
+        checking = self.hold_rows.numel() > 0
+        check_every = max(1, steps // CHECKS)
+        best_loss = self._held_out_loss() if checking else math.inf
+        best: list[torch.Tensor] | None = [p.detach().clone() for p in self.params] if checking else None
+        best_step = 0
         with differentiable(self.module, self.params):
             optimizer = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(self.params, self.lrs)],
                                          betas=(0.9, 0.999), foreach=True)
             loss_value = float("nan")
             for step in range(steps):
-                idx = torch.randperm(n, generator=gen)[:batch]
+                idx = self.fit_rows[torch.randperm(n, generator=gen)[:batch]]
                 # cosine decay from the full rate to 0 over the run
                 scale = 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 for group, lr in zip(optimizer.param_groups, self.lrs):
                     group["lr"] = lr * scale
-                xb = self.x_tune[idx.to(self.x_tune.device)]
-                # fp32 training whatever the evaluation precision (fp16 autocast would need loss scaling)
-                with torch.autocast(device.type, enabled=False):
-                    loss = _batch_loss(select_output(call(self.module, xb), self.output), self.targets,
-                                       idx.to(self.targets.values.device))
+                loss = self._loss(idx)
                 grads = [torch.zeros_like(p) if g is None else g
                          for p, g in zip(self.params, torch.autograd.grad(loss, self.params, allow_unused=True))]
                 with torch.no_grad():
@@ -160,17 +197,31 @@ class Finetuner:
                     for p in self.params:
                         p.grad = None
                 loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise ConfigError(f"Fine-tuning diverged at level {level} (loss {loss_value}). Lower the "
-                                  f"fine-tuning 'lr' (now {self.cfg.lr}).", code="finetune_diverged")
-        self.last_loss = loss_value
+                if not math.isfinite(loss_value):
+                    raise ConfigError(f"Fine-tuning diverged at level {level} (loss {loss_value}). Lower the "
+                                      f"fine-tuning 'lr' (now {self.cfg.lr}).", code="finetune_diverged")
+                if checking and ((step + 1) % check_every == 0 or step + 1 == steps):
+                    held = self._held_out_loss()
+                    if held < best_loss:
+                        best_loss, best_step = held, step + 1
+                        for b, p in zip(best, self.params):  # type: ignore[arg-type]
+                            b.copy_(p.detach())
+            if best is not None:
+                with torch.no_grad():
+                    for p, b in zip(self.params, best):
+                        p.copy_(b)
+        self.last_loss = best_loss if checking else loss_value
+        self.last_kept_step = best_step if checking else steps
         self.steps_run += steps
 
     def describe(self) -> dict[str, Any]:
         return {"steps": self.cfg.steps, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size,
                 "loss": self.targets.kind, "loss_description": self.targets.description,
                 "optimizer": "Adam, per-layer lr = lr × RMS(dense weights), cosine decay to 0",
-                "trained": "prunable weights (mask fixed); biases, norms, embeddings unchanged"}
+                "trained": "prunable weights (mask fixed); biases, norms, embeddings unchanged",
+                "n_train": int(self.fit_rows.numel()), "n_held_out": int(self.hold_rows.numel()),
+                "kept": ("per level, the weights after the step with the lowest loss on the held-out part of "
+                         "D_tune (0: the masked candidate)" if self.hold_rows.numel() else "the last step")}
 
 
-__all__ = ["Finetuner", "SOFT_TARGET_ELEMENTS", "Targets", "dense_targets"]
+__all__ = ["CHECKS", "HOLD_FRACTION", "MIN_TUNE_FOR_HOLD", "Finetuner", "SOFT_TARGET_ELEMENTS", "Targets", "dense_targets"]
