@@ -77,8 +77,7 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p.add_argument("--finetune-lr", type=float, metavar="LR",
                    help="relative fine-tuning rate: each layer's Adam step is LR × the RMS of its weights (default 0.02)")
     p.add_argument("--finetune-loss", choices=FINETUNE_LOSSES,
-                   help="labels (cross-entropy), distill (to the dense model's logits) or auto (labels for a labelled "
-                        "risk when there are labels; default)")
+                   help="distill (to the dense model's logits; auto, the default) or labels (cross-entropy)")
     p.add_argument("--bn-statistics", choices=BN_STATISTICS,
                    help="choose (default: per level the dense, re-estimated or blended BatchNorm statistics, whichever "
                         "a held-out half of D_tune prefers) or reestimate (always re-estimate on D_tune)")

@@ -18,8 +18,11 @@ The loss (``loss``):
   labels and aims at exactly what ``disagreement`` measures. Where the dense logits of D_tune would
   not fit (more than ``SOFT_TARGET_ELEMENTS`` numbers, e.g. a language model's (N, T, V)) the targets
   are the dense top-1 predictions (cross-entropy on them; the hard form of the same distillation);
-- ``auto``: ``labels`` for a labelled risk (accuracy_drop, error_rate, token_accuracy_drop) when
-  D_tune has labels, ``distill`` otherwise.
+- ``auto`` (default): ``distill``, for every risk. Measured on digits (4 seeds, 299 tuning samples,
+  ε = 0.01 / 0.02, accuracy_drop): distillation certified 0.855 / 0.955 (MLP; one-shot 0.78 / 0.87) and
+  0.80 / 0.885 (CNN + BN; one-shot 0.64 / 0.80); cross-entropy on the labels 0.70 / 0.94 and
+  0.00 / 0.86 — it moves the model away from the dense one (≈ +0.008 accuracy drop at 30 %
+  sparsity), and fixed-sequence testing stops at the first level that shows it.
 
 The optimiser is Adam, each layer with its own learning rate ``lr × RMS(dense weights of the layer)``
 and a cosine decay to 0 over ``steps``: a relative step size, so one default serves layers and
