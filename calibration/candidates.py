@@ -155,10 +155,23 @@ class CandidateBuilder:
         self.reconstructor = reconstructor
         self.bn = bn
         self.finetuner = finetuner
+        # Chained fine-tuning: the last level built (grid index) and its fine-tuned weights.
+        self.chaining = finetuner is not None and finetuner.cfg.chain and reconstructor is None
+        self._chain: tuple[int, list[torch.Tensor]] | None = None
 
     def build(self, keep_masks: list[torch.Tensor], level: int) -> dict[str, Any]:
-        """The candidate of grid index ``level`` with ``keep_masks``; returns what was done (for the report)."""
-        apply_masks(self.params, self.originals, keep_masks)
+        """The candidate of grid index ``level`` with ``keep_masks``; returns what was done (for the report).
+
+        With chained fine-tuning a level starts from the fine-tuned weights of the level built just before it
+        when that one is lower (masks are nested, so its zeros stay zero), like iterative pruning with
+        retraining; otherwise from the dense weights. The engine builds levels in ascending grid order from a
+        reset, whatever D_cal says (it only decides whether to go on), so every candidate is still a fixed
+        function of D_tune and the grid — and the planned procedure's bisection on D_tune, which builds out of
+        order, only plans with the chains it builds, from D_tune too."""
+        start = self.originals
+        if self.chaining and self._chain is not None and self._chain[0] < level:
+            start = self._chain[1]
+        apply_masks(self.params, start, keep_masks)
         if self.reconstructor is not None:
             self.reconstructor.apply(self.params, self.originals, keep_masks)
         info: dict[str, Any] = {}
@@ -168,10 +181,13 @@ class CandidateBuilder:
             self.finetuner.run(keep_masks, level)
             info["finetune_loss"] = self.finetuner.last_loss
             info["finetune_step"] = self.finetuner.last_kept_step
+            if self.chaining:
+                self._chain = (level, [p.detach().clone() for p in self.params])
         return info
 
     def reset(self) -> None:
-        """The dense model again (weights and BN statistics)."""
+        """The dense model again (weights and BN statistics); a chain starts afresh."""
+        self._chain = None
         restore(self.params, self.originals)
         batchnorm.load_snapshot(self.module, self.bn_dense)
 

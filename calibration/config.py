@@ -34,9 +34,10 @@ FINETUNE_LOSSES = ("auto", "labels", "distill")  # calibration.finetune
 class FinetuneConfig:
     """How every level's candidate is fine-tuned on D_tune (``finetune`` in the job's config)."""
 
-    steps: int = 200
+    steps: int = 50  # per level; with ``chain`` a level continues from the one below it
     lr: float = 0.02  # relative: each layer's Adam learning rate is lr × the RMS of its dense weights
     batch_size: int = 64
+    chain: bool = True  # start each level from the previous level's fine-tuned weights (not with reconstruct)
     loss: str = "auto"  # auto = distill (to the dense model's outputs); labels: cross-entropy on D_tune's labels
 
     def resolved_loss(self, labelled_risk: bool, has_labels: bool) -> str:
@@ -194,10 +195,10 @@ def _finetune(value: Any) -> FinetuneConfig | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return FinetuneConfig(steps=_int("finetune", value, 1, 1_000_000))
     expected = ("true, false, a number of steps, or an object with any of 'steps', 'lr', 'batch_size', "
-                "'loss'")
+                "'loss', 'chain'")
     if not isinstance(value, dict):
         raise _fail("finetune", expected, value)
-    unknown = sorted(set(value) - {"steps", "lr", "batch_size", "loss"})
+    unknown = sorted(set(value) - {"steps", "lr", "batch_size", "loss", "chain"})
     if unknown:
         raise _fail("finetune", expected, value, f"Unknown key(s): {', '.join(map(repr, unknown))}.")
     kw: dict[str, Any] = {}
@@ -213,6 +214,10 @@ def _finetune(value: Any) -> FinetuneConfig | None:
         kw["lr"] = float(lr)
     if "loss" in value:
         kw["loss"] = _option("finetune.loss", value["loss"], FINETUNE_LOSSES)
+    if "chain" in value:
+        if not isinstance(value["chain"], bool):
+            raise _fail("finetune.chain", "true or false", value["chain"])
+        kw["chain"] = value["chain"]
     return FinetuneConfig(**kw)
 
 

@@ -216,7 +216,8 @@ def _method_label(criterion: str, cfg: CertifyConfig, *, reconstructed: bool | t
                      "half of the tuning split")
     if finetune is not None:
         parts.append(f"kept weights fine-tuned for up to {finetune['steps']} steps on the tuning split "
-                     f"({finetune['loss_description']}; the step kept by a held-out part of it)")
+                     + ("per level, each level continuing from the one below it " if finetune.get("chain") else "")
+                     + f"({finetune['loss_description']}; the step kept by a held-out part of it)")
     if precision != "fp32" or on_cuda:
         # On CUDA the layout changes which kernels run (and, below fp32, the rounding): name it always.
         layout = "channels-last (NHWC)" if channels_last else "NCHW"
@@ -662,7 +663,8 @@ def certify(
         "levels_evaluated_tune": tune_levels_evaluated,  # planned procedure: levels D_tune evaluated to plan
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
         "bn_statistics": builder.bn.summary() if builder.bn is not None and use_bn else None,
-        "finetune": builder.finetuner.describe() if builder.finetuner is not None else None,
+        "finetune": ({**builder.finetuner.describe(), "chain": builder.chaining}
+                     if builder.finetuner is not None else None),
         "more_data": more_data,
         "bound_note": _bound_note(bound, risk, cfg.epsilon),
         "pattern": cfg.pattern,
@@ -676,7 +678,8 @@ def certify(
                                             reconstructed=((len(reconstructor.hessians), len(weights))
                                                            if reconstructor is not None else False),
                                             candidates=discovery.summary(),
-                                            finetune=builder.finetuner.describe() if builder.finetuner else None,
+                                            finetune=({**builder.finetuner.describe(), "chain": builder.chaining}
+                                                      if builder.finetuner else None),
                                             bn=builder.bn.summary() if builder.bn is not None and use_bn else None,
                                             precision=precision, channels_last=bool(predictor.channels_last),
                                             on_cuda=device.type == "cuda")),

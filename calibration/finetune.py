@@ -218,7 +218,7 @@ class Finetuner:
         self.steps_run += steps
 
     def describe(self) -> dict[str, Any]:
-        return {"steps": self.cfg.steps, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size,
+        return {"steps": self.cfg.steps, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "chain": self.cfg.chain,
                 "loss": self.targets.kind, "loss_description": self.targets.description,
                 "optimizer": "Adam, per-layer lr = lr × RMS(dense weights), cosine decay to 0",
                 "trained": "prunable weights (mask fixed); biases, norms, embeddings unchanged",

@@ -25,7 +25,9 @@ def candidate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("BN statistics", f"re-estimated on the tuning split at every level ({chosen or 'none'})"))
     ft = result.get("finetune")
     if isinstance(ft, dict):
-        rows.append(("fine-tuning", f"up to {ft.get('steps')} steps per level on {ft.get('n_train')} tuning samples, "
+        rows.append(("fine-tuning", f"up to {ft.get('steps')} steps per level"
+                                    f"{' (chained: each level from the one below)' if ft.get('chain') else ''} "
+                                    f"on {ft.get('n_train')} tuning samples, "
                                     f"the step kept by {ft.get('n_held_out')} held out, "
                                     f"{ft.get('loss_description', ft.get('loss'))}, mask fixed "
                                     f"(lr {ft.get('lr')} relative, batch {ft.get('batch_size')})"))

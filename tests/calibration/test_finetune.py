@@ -64,7 +64,8 @@ def test_finetuned_artifact_is_the_tested_candidate_with_pruned_weights_exactly_
     pred, _ = _cal_predictions(out, files[data_key], 3)
     assert float(np.mean(pred == y)) == r["pruned_accuracy"]
     assert float(np.mean(pred != y) - np.mean(dense_pred != y)) == pytest.approx(level["empirical_risk"], abs=1e-12)
-    assert "fine-tuned for up to 60 steps on the tuning split" in r["guarantee"]
+    assert "fine-tuned for up to 60 steps on the tuning split per level, each level continuing" in r["guarantee"]
+    assert r["finetune"]["chain"] is True
 
 
 def test_candidates_never_see_d_cal(files, tmp_path, digits):
@@ -91,6 +92,39 @@ def test_candidates_never_see_d_cal(files, tmp_path, digits):
         assert r["certified_sparsity"] == 0.9 and r["bn_statistics"]["mode"] == "choose"
         shas.append(_sha(out))
     assert shas[0] == shas[1]
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_candidates_never_see_d_cal_with_chained_or_independent_fine_tuning(chain, files, tmp_path):
+    data = np.load(files["data_flat"])
+    x, y = data["x"].copy(), data["y"].copy()
+    split = split_tune_cal(len(y), 0.25, 12)
+    x[split.cal] = np.random.default_rng(1).random(x[split.cal].shape).astype(np.float32)
+    paths = [files["data_flat"], tmp_path / "b.npz"]
+    np.savez(paths[1], x=x, y=y)
+    cfg = {"risk": "disagreement", "epsilon": 0.99, "seed": 12, "sparsities": [0.0, 0.5, 0.7, 0.9], "device": "cpu",
+           "finetune": {**FAST, "chain": chain}}
+    results = [certify(files["mlp"], path, cfg, out=tmp_path / str(i) / "pruned.pt").result
+               for i, path in enumerate(paths)]
+    assert [r["certified_sparsity"] for r in results] == [0.9, 0.9] and results[0]["finetune"]["chain"] is chain
+    assert results[0]["artifact_sha256"] == results[1]["artifact_sha256"]
+    assert [lv.get("finetune_loss") for lv in results[0]["levels"]] == [lv.get("finetune_loss") for lv in results[1]["levels"]]
+
+
+def test_chained_fine_tuning_continues_from_the_level_below(files, tmp_path):
+    """Level j starts from level j−1's fine-tuned weights: the first pruned level (nothing below it) is the
+    independent candidate, the next one is not."""
+    grid = [0.0, 0.5, 0.8]
+    base = {"epsilon": 0.99, "risk": "disagreement", "seed": 2, "device": "cpu", "sparsities": grid}
+    chained = certify(files["mlp"], files["data_flat"], {**base, "finetune": FAST}, out=tmp_path / "a" / "m.pt").result
+    independent = certify(files["mlp"], files["data_flat"], {**base, "finetune": {**FAST, "chain": False}},
+                          out=tmp_path / "b" / "m.pt").result
+    assert chained["certified_sparsity"] == independent["certified_sparsity"] == 0.8
+    assert chained["levels"][1]["finetune_loss"] == independent["levels"][1]["finetune_loss"]
+    assert chained["levels"][2]["finetune_loss"] != independent["levels"][2]["finetune_loss"]
+    assert chained["artifact_sha256"] != independent["artifact_sha256"]
+    assert certify(files["mlp"], files["data_flat"], {**base, "reconstruct": True,
+                                                     "finetune": FAST}).result["finetune"]["chain"] is False
 
 
 def test_fine_tuning_is_deterministic_from_the_seed(files, tmp_path):
@@ -145,14 +179,16 @@ def test_finetune_without_tune_data_is_refused(files):
 def test_finetune_config_and_cli_flags():
     assert validate_config({}).finetune is None
     assert validate_config({"finetune": True}).finetune == FinetuneConfig()
-    assert validate_config({"finetune": 50}).finetune == FinetuneConfig(steps=50)
+    assert validate_config({"finetune": 70}).finetune == FinetuneConfig(steps=70)
+    assert validate_config({"finetune": {"chain": False}}).finetune == FinetuneConfig(chain=False)
     assert validate_config({"finetune": {"lr": 0.05, "loss": "distill"}}).finetune == FinetuneConfig(lr=0.05,
                                                                                                    loss="distill")
     assert validate_config({"finetune": True}).resolved_tune_fraction(False) == 0.25
     round_trip = validate_config({"finetune": {"steps": 7}})
     assert validate_config(round_trip.to_dict()) == round_trip
     for bad, what in [("yes", "finetune"), ({"steps": -1}, "finetune.steps"), ({"lr": 0}, "finetune.lr"),
-                      ({"loss": "mse"}, "finetune.loss"), ({"epochs": 3}, "Unknown key")]:
+                      ({"loss": "mse"}, "finetune.loss"), ({"epochs": 3}, "Unknown key"),
+                      ({"chain": "yes"}, "finetune.chain")]:
         with pytest.raises(ConfigError, match=what):
             validate_config({"finetune": bad})
     parse = build_parser().parse_args
