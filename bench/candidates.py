@@ -183,7 +183,7 @@ def candidate_losses(case: Case, criterion: str, variant: str, grid: list[float]
     losses = []
     with Predictor(module, cfg.batch_size, device="cpu") as predictor:
         dense_tune_np = predictor.predict(x_tune).numpy()
-        builder = _candidate_builder(cfg, module, params, reconstructor, predictor, x_tune, use_bn=use_bn,
+        builder = _candidate_builder(cfg, module, params, None, reconstructor, predictor, x_tune, use_bn=use_bn,
                                      risk=RISK, dense_tune_np=dense_tune_np, y_tune=y_tune,
                                      y_tune_np=y_tune.numpy(), mask_tune=None)
         for j, s in enumerate(grid):

@@ -46,7 +46,6 @@ class CandidateState:
 
     weights: list[torch.Tensor]
     bn: list[tuple[torch.Tensor, ...]]
-    info: dict[str, Any]
 
 
 def _blend(a: list[tuple[torch.Tensor, ...]], b: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
@@ -77,8 +76,8 @@ class BatchNormChooser:
         if self.choosing:
             order = np.random.default_rng([int(seed), 0xB17]).permutation(n)
             self.est_rows, self.chk_rows = np.sort(order[: n // 2]), np.sort(order[n // 2:])
-            self.x_est = x_tune[torch.from_numpy(self.est_rows).to(_device(x_tune))]
-            self.x_chk = x_tune[torch.from_numpy(self.chk_rows).to(_device(x_tune))]
+            self.x_est = x_tune[torch.from_numpy(self.est_rows).to(x_tune.device)]
+            self.x_chk = x_tune[torch.from_numpy(self.chk_rows).to(x_tune.device)]
         self.log_probs = log_probs
         self.dense_log_probs = log_probs(self.x_chk) if self.choosing and log_probs is not None else None
         self.dense = batchnorm.snapshot(module)
@@ -138,19 +137,17 @@ class BatchNormChooser:
                    if self.choosing else {})}
 
 
-def _device(x: Any) -> torch.device:
-    return x.device if hasattr(x, "device") else torch.device("cpu")
-
-
 class CandidateBuilder:
     """Makes the live module a level's candidate in place; restores the dense model on ``reset``."""
 
     def __init__(self, module: torch.nn.Module, params: list[torch.Tensor], *,
+                 originals: list[torch.Tensor] | None = None,
                  reconstructor: Reconstructor | None = None, bn: BatchNormChooser | None = None,
                  finetuner: Finetuner | None = None) -> None:
+        """``originals``: copies of the dense weights when the caller already holds them (not copied again)."""
         self.module = module
         self.params = params
-        self.originals = [p.detach().clone() for p in params]
+        self.originals = originals if originals is not None else [p.detach().clone() for p in params]
         self.bn_dense = batchnorm.snapshot(module)
         self.reconstructor = reconstructor
         self.bn = bn
@@ -192,10 +189,9 @@ class CandidateBuilder:
         batchnorm.load_snapshot(self.module, self.bn_dense)
 
     @torch.no_grad()
-    def snapshot(self, info: dict[str, Any] | None = None) -> CandidateState:
+    def snapshot(self) -> CandidateState:
         return CandidateState([p.detach().to("cpu", copy=True) for p in self.params],
-                              [tuple(t.to("cpu", copy=True) for t in s) for s in batchnorm.snapshot(self.module)],
-                              dict(info or {}))
+                              [tuple(t.to("cpu", copy=True) for t in s) for s in batchnorm.snapshot(self.module)])
 
     @torch.no_grad()
     def load(self, state: CandidateState) -> None:

@@ -273,6 +273,7 @@ def _sha256(path: Path) -> str:
 
 
 def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list[torch.Tensor],
+                       originals: list[torch.Tensor] | None,
                        reconstructor: Reconstructor | None, predictor: Predictor, x_tune: Any, *, use_bn: bool,
                        risk: str, dense_tune_np: np.ndarray, y_tune: torch.Tensor | None,
                        y_tune_np: np.ndarray | None, mask_tune: np.ndarray | None) -> CandidateBuilder:
@@ -317,7 +318,8 @@ def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list
         targets = dense_targets(module, x_tune, cfg.batch_size, cfg.output, loss=loss, labels=y_tune,
                                 position_mask=position_mask)
         finetuner = Finetuner(module, params, x_tune, targets, cfg.finetune, seed=cfg.seed, output=cfg.output)
-    return CandidateBuilder(module, params, reconstructor=reconstructor, bn=bn, finetuner=finetuner)
+    return CandidateBuilder(module, params, originals=originals, reconstructor=reconstructor, bn=bn,
+                            finetuner=finetuner)
 
 
 def _level_details(info: dict[str, Any] | None) -> dict[str, Any]:
@@ -498,7 +500,6 @@ def certify(
             run.report("scoring", len(cfg.criterion), len(cfg.criterion), "layer inputs for reconstruction")
             reconstructor = Reconstructor.from_tune(module, weights, x_tune, cfg.batch_size)
             run.timings["reconstruct_setup_s"] = time.perf_counter() - t
-        del originals  # the builder keeps its own copy of the dense weights
 
         # Test every criterion's grid with its share of δ (Bonferroni across criteria).
         t = time.perf_counter()
@@ -515,10 +516,11 @@ def certify(
         tested_accuracy: dict[tuple[str, int], float] = {}
         failed_losses: dict[tuple[str, int], np.ndarray] = {}  # levels a test did not reject: for `more_data`
         t_setup = time.perf_counter()
-        builder = _candidate_builder(cfg, module, params, reconstructor, predictor, x_tune, use_bn=use_bn,
+        builder = _candidate_builder(cfg, module, params, originals, reconstructor, predictor, x_tune, use_bn=use_bn,
                                      risk=risk, dense_tune_np=dense_tune_np,
                                      y_tune=y_tune if data.y is not None else None, y_tune_np=y_tune_np,
                                      mask_tune=mask_tune)
+        del originals  # the builder holds them now
         run.timings["candidates_setup_s"] = time.perf_counter() - t_setup  # fine-tuning targets
         best_state: tuple[float, CandidateState] | None = None  # (sparsity, candidate) of the best rejection
         level_info: dict[tuple[str, int], dict[str, Any]] = {}
@@ -628,6 +630,10 @@ def certify(
         del best_state
 
     precision = effective_precision(cfg.precision, device)  # reduced precisions exist on CUDA only
+    # How the candidates were built, for the result and the guarantee sentence
+    finetune_info = ({**builder.finetuner.describe(), "chain": builder.chaining}
+                     if builder.finetuner is not None else None)
+    bn_info = builder.bn.summary() if builder.bn is not None and use_bn else None
     layers = [{"name": w.name, "type": w.module_type, "parameters": w.numel, "zeroed": z,
                "sparsity": z / w.numel} for w, z in zip(weights, zeroed_per_layer)]
     prunable = sum(w.numel for w in weights)
@@ -662,9 +668,8 @@ def certify(
         "levels_evaluated": evaluated_levels,
         "levels_evaluated_tune": tune_levels_evaluated,  # planned procedure: levels D_tune evaluated to plan
         "reconstruction": reconstructor.summary(weights) if reconstructor is not None else None,
-        "bn_statistics": builder.bn.summary() if builder.bn is not None and use_bn else None,
-        "finetune": ({**builder.finetuner.describe(), "chain": builder.chaining}
-                     if builder.finetuner is not None else None),
+        "bn_statistics": bn_info,
+        "finetune": finetune_info,
         "more_data": more_data,
         "bound_note": _bound_note(bound, risk, cfg.epsilon),
         "pattern": cfg.pattern,
@@ -678,9 +683,7 @@ def certify(
                                             reconstructed=((len(reconstructor.hessians), len(weights))
                                                            if reconstructor is not None else False),
                                             candidates=discovery.summary(),
-                                            finetune=({**builder.finetuner.describe(), "chain": builder.chaining}
-                                                      if builder.finetuner else None),
-                                            bn=builder.bn.summary() if builder.bn is not None and use_bn else None,
+                                            finetune=finetune_info, bn=bn_info,
                                             precision=precision, channels_last=bool(predictor.channels_last),
                                             on_cuda=device.type == "cuda")),
         "artifact_sha256": None,

@@ -145,7 +145,6 @@ class Finetuner:
         self.hold_rows, self.fit_rows = order[:n_hold].sort().values, order[n_hold:].sort().values
         self.last_loss: float | None = None
         self.last_kept_step: int | None = None
-        self.steps_run = 0
 
     def _loss(self, idx: torch.Tensor) -> torch.Tensor:
         xb = self.x_tune[idx.to(self.x_tune.device)]
@@ -215,7 +214,6 @@ class Finetuner:
                         p.copy_(b)
         self.last_loss = best_loss if checking else loss_value
         self.last_kept_step = best_step if checking else steps
-        self.steps_run += steps
 
     def describe(self) -> dict[str, Any]:
         return {"steps": self.cfg.steps, "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "chain": self.cfg.chain,
