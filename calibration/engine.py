@@ -554,8 +554,11 @@ def certify(
                     else:  # the dense model itself, whichever level the bisection tried before
                         builder.reset()
                     pruned_tune = predictor.predict(x_tune, should_stop).cpu().numpy()
-                    return per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np, mask_tune)
+                    losses = per_sample_losses(risk, pruned_tune, dense_tune_np, y_tune_np, mask_tune)
+                    tune_risks[j] = float(empirical_risk(losses))  # shown in the report's plot, not tested
+                    return losses
 
+                tune_risks: dict[int, float] = {}
                 plan = plan_sequence(n_levels, lambda j: predict_pass(bound, risk, tune_losses(j),
                                                                        int(split.cal.size), cfg.epsilon, alpha))
                 tune_levels_evaluated += len(plan.tune_evaluated)
@@ -607,7 +610,9 @@ def certify(
             per_criterion.append({"criterion": name, "delta": delta_each, "certified_sparsity": certified_sparsity,
                                   "certified": certified_sparsity > 0.0, "levels": levels})
             if plan is not None:
-                per_criterion[-1]["plan"] = {**plan.to_dict(), "sparsities": [grid[i] for i in plan.sequence]}
+                per_criterion[-1]["plan"] = {**plan.to_dict(), "sparsities": [grid[i] for i in plan.sequence],
+                                             "tune_sparsities": [grid[i] for i in plan.tune_evaluated],
+                                             "tune_risks": [tune_risks[i] for i in plan.tune_evaluated]}
             builder.reset()
         run.timings["testing_s"] = time.perf_counter() - t
         run.timings["testing_setup_s"] = predictor.setup_s - run.timings["dense_setup_s"]  # new shapes' warm-ups

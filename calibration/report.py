@@ -149,12 +149,30 @@ def plot_ranges(result: dict[str, Any]) -> tuple[float, float, float, float, boo
     return 0.0, x_hi, y_lo - (pad if y_lo < 0 else 0.0), y_hi + pad, top > y_hi + pad
 
 
+def _plan_marks(crit: dict[str, Any]) -> dict[str, Any] | None:
+    """What the planned procedure decided on D_tune, for the plot: the levels D_tune evaluated (the
+    bisection) with their D_tune risk, and the planned sequence, each mark saying whether D_cal tested it
+    (a fixed-sequence walk stops at its first failure, so the tail of a plan may stay untested). None for
+    the other procedures."""
+    plan = crit.get("plan")
+    if not isinstance(plan, dict):
+        return None
+    tested = {float(lv["sparsity"]) for lv in evaluated_levels(crit.get("levels"))}
+    tune = [{"sparsity": float(x), "risk": float(r)} for x, r in zip(plan.get("tune_sparsities") or [],
+                                                                       plan.get("tune_risks") or [])
+            if finite_number(x) is not None and finite_number(r) is not None]
+    sequence = [{"sparsity": float(x), "tested": float(x) in tested} for x in (plan.get("sparsities") or [])
+                if finite_number(x) is not None]
+    return {"tune": tune, "sequence": sequence}
+
+
 def risk_plot_data(result: dict[str, Any]) -> dict[str, Any]:
     """What the risk-vs-sparsity plot shows, independent of how it is drawn: the one source of both the PNG
     (:func:`risk_curve_figure`, matplotlib) and the HTML report's inline SVG (``service/report_page.py``).
 
     Per criterion (``series``): name, colour, δ share, its confidence as a label, and the evaluated levels
-    (sparsity, empirical risk, upper bound or None, p-value, rejected); the tolerance ε, the certified
+    (sparsity, empirical risk, upper bound or None, p-value, rejected), and for the planned procedure its
+    plan (``_plan_marks``: D_tune's estimates and the planned levels); the tolerance ε, the certified
     sparsity λ̂ (``certified`` is False when nothing was certified: no λ̂ marker), the axis ranges of
     :func:`plot_ranges` and whether values were cut off above the y range.
 
@@ -178,6 +196,7 @@ def risk_plot_data(result: dict[str, Any]) -> dict[str, Any]:
                         "upper_bound": finite_number(lv.get("upper_bound")),
                         "p_value": finite_number(lv.get("p_value")),
                         "rejected": bool(lv.get("rejected"))} for lv in evaluated_levels(crit.get("levels"))],
+            "plan": _plan_marks(crit),
         })
     return {"series": series, "epsilon": epsilon, "certified": is_certified,
             "certified_sparsity": certified if is_certified else None,
@@ -208,6 +227,17 @@ def risk_curve_figure(result: dict[str, Any]):  # -> matplotlib.figure.Figure
         for rejected, face in ((True, colour), (False, "white")):
             dots = [p for p in lv if p["rejected"] is rejected]
             ax.plot([p["sparsity"] for p in dots], [p["risk"] for p in dots], "o", ms=3.5, color=colour, mfc=face)
+        plan = crit["plan"]
+        if plan and plan["tune"]:
+            ax.plot([p["sparsity"] for p in plan["tune"]], [p["risk"] for p in plan["tune"]], "D", ms=4,
+                    color=colour, mfc="none", alpha=0.7, label=f"{name}: D_tune estimate (planning)")
+        if plan and plan["sequence"]:
+            for tested, face in ((True, colour), (False, "none")):
+                marks = [p["sparsity"] for p in plan["sequence"] if p["tested"] is tested]
+                if marks:
+                    ax.plot(marks, [0.0] * len(marks), "|", ms=9, color=colour, alpha=0.9 if tested else 0.4,
+                            transform=ax.get_xaxis_transform(),
+                            label=f"{name}: planned levels, {'tested' if tested else 'not reached'} on D_cal")
         ucb = [(p["sparsity"], p["upper_bound"]) for p in lv if p["upper_bound"] is not None]
         if ucb:
             ax.plot(*zip(*ucb), linestyle="--", color=colour, label=f"{name}: {crit['confidence']}upper bound")

@@ -83,6 +83,21 @@ def _nice_step(span: float, target: int = 5) -> float:
     return 10 * mag  # pragma: no cover
 
 
+def _plan_view(crit: dict[str, Any], sx: Any, sy: Any) -> dict[str, Any]:
+    """The planned procedure's marks in SVG units: diamonds at D_tune's risk for the levels the plan
+    evaluated on D_tune, and ticks on the x axis for the planned levels (solid: tested on D_cal)."""
+    plan, name = crit["plan"], crit["criterion"]
+    if not plan:
+        return {"tune_marks": [], "plan_ticks": []}
+    tune = [{"x": _c(sx(p["sparsity"])), "y": _c(sy(p["risk"])),
+             "tip": f"{name} at sparsity {p['sparsity']:.2%}: risk {p['risk']:.4g} on D_tune (used to plan, not tested)"}
+            for p in plan["tune"]]
+    ticks = [{"x": _c(sx(p["sparsity"])), "tested": p["tested"],
+              "tip": f"{name}: {p['sparsity']:.2%} planned, {'tested' if p['tested'] else 'not reached'} on D_cal"}
+             for p in plan["sequence"]]
+    return {"tune_marks": tune, "plan_ticks": ticks}
+
+
 def plot_view(result: dict[str, Any]) -> dict[str, Any]:
     """:func:`calibration.report.risk_plot_data` in SVG user units: ticks, polylines, dots with tooltips,
     the ε and λ̂ lines and the legend, for ``templates/risk_plot.svg``."""
@@ -119,12 +134,18 @@ def plot_view(result: dict[str, Any]) -> dict[str, Any]:
                       "tip": (f"{name} at sparsity {p['sparsity']:.2%}: risk {p['risk']:.4g}, upper bound "
                               f"{_fmt(p['upper_bound'])}, p = {_fmt(p['p_value'], 3)}, "
                               f"{'rejected (safe)' if p['rejected'] else 'not rejected'}")} for p in levels],
+            **_plan_view(crit, sx, sy),
         })
         legend.append({"kind": "line", "y": ly, "colour": colour, "width": "1.8", "dash": None,
                        "text": f"{_text(name)}: empirical risk"})
         ly += 17
         legend.append({"kind": "line", "y": ly, "colour": colour, "width": "1.4", "dash": "5 3",
                        "text": f"{_text(name)}: {crit['confidence']}upper bound"})
+        ly += 22
+    if any(crit["plan"] for crit in data["series"]):
+        legend.append({"kind": "diamond", "y": ly, "colour": "#566573", "text": "D_tune estimate (planning)"})
+        ly += 17
+        legend.append({"kind": "tick", "y": ly, "colour": "#566573", "text": "planned level (faint: not reached)"})
         ly += 22
     legend.append({"kind": "line", "y": ly, "colour": data["epsilon_colour"], "width": "1.5", "dash": "7 4",
                    "text": f"tolerance ε = {epsilon:g}"})
@@ -240,7 +261,8 @@ def _model_rows(result: dict[str, Any], model_bytes: int | None) -> list[tuple[s
 
 
 SETTINGS_KEYS = ("risk", "epsilon", "delta", "bound", "procedure", "criterion", "scope", "pattern", "n_calibration",
-                 "n_tune", "seed", "bn_recalibration", "device", "precision", "levels_evaluated")
+                 "n_tune", "seed", "bn_recalibration", "device", "precision", "levels_evaluated",
+                 "levels_evaluated_tune")
 
 
 def _candidates(pw: Any) -> str | None:
@@ -275,11 +297,23 @@ def _settings_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _levels(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chosen criterion's levels; one that was not tested says why: off the planned sequence (the
+    planned procedure), or past the first failure (fixed-sequence stops there)."""
+    chosen = next((c for c in (result.get("criteria") or []) if isinstance(c, dict)
+                   and c.get("criterion") == result.get("criterion")), {})
+    plan = chosen.get("plan") if isinstance(chosen.get("plan"), dict) else None
+    planned = {finite_number(x) for x in (plan.get("sparsities") or [])} if plan else None
+
+    def untested(lv: dict[str, Any]) -> str:
+        if planned is not None and finite_number(lv.get("sparsity")) not in planned:
+            return "not on the plan"
+        return "not tested"
+
     return [{"ok": bool(lv.get("rejected")), "sparsity": _pct(lv.get("sparsity")),
              "risk": _fmt(finite_number(lv.get("empirical_risk"))),
              "upper_bound": _fmt(finite_number(lv.get("upper_bound"))),
              "p_value": _fmt(finite_number(lv.get("p_value")), 3),
-             "rejected": "yes" if lv.get("rejected") else ("no" if lv.get("evaluated", True) else "not evaluated")}
+             "rejected": "yes" if lv.get("rejected") else ("no" if lv.get("evaluated", True) else untested(lv))}
             for lv in (result.get("levels") or []) if isinstance(lv, dict)]
 
 

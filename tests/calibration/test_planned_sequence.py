@@ -37,14 +37,17 @@ def test_a_monotone_prediction_is_found_by_bisection_in_log_k_evaluations() -> N
             assert all(0 <= j < k for j in plan.sequence)
             if plan.estimate is not None:
                 # dense around the estimate, with rungs below it
-                assert {max(0, plan.estimate - 2), plan.estimate, min(k - 1, plan.estimate + 3)} <= set(plan.sequence)
-            assert len(plan.sequence) <= 6 + 2 * 3
+                window = set(range(max(0, plan.estimate - 6), min(k - 1, plan.estimate + 4) + 1))
+                assert window <= set(plan.sequence)
+            assert len(plan.sequence) <= 11 + 2 * 4
 
 
 def test_the_ladder_reaches_below_the_window_and_above_it() -> None:
-    plan = plan_sequence(100, lambda j: j <= 60, ladder_width=3)
+    plan = plan_sequence(100, lambda j: j <= 60, ladder_width=3, window_below=2, window_above=3, ladder_steps=3)
     assert plan.estimate == 60
     assert plan.sequence == (46, 52, 55, 58, 59, 60, 61, 62, 63, 66, 69, 75)
+    default = plan_sequence(100, lambda j: j <= 60, ladder_width=3)  # window 54 … 64, four rungs each side
+    assert default.sequence == (30, 42, 48, 51, *range(54, 65), 67, 70, 76, 88)
 
 
 def test_the_procedure_rejects_a_leading_run_of_the_sequence_only() -> None:
@@ -134,7 +137,7 @@ def test_violation_frequency_is_at_most_delta(name: str, tune_from: str) -> None
     freq = violations / draws
     se = math.sqrt(DELTA * (1 - DELTA) / draws)
     assert freq <= DELTA + 3 * se, (name, tune_from, freq)
-    assert max(tested) <= 12  # D_cal sees the planned sequence only
+    assert max(tested) <= 11 + 2 * 4  # D_cal sees the planned sequence only (window + rungs)
 
 
 def test_planning_tests_far_fewer_levels_and_certifies_as_much_on_a_monotone_curve() -> None:
@@ -200,10 +203,17 @@ def test_the_engine_tests_only_the_plan_and_the_plan_ignores_d_cal(digits_job) -
     plan = crit["plan"]
     assert abs(first["n_tune"] - 0.1 * len(y)) <= 1  # planning's default D_tune share (magnitude, no BN)
     evaluated = [i for i, lvl in enumerate(first["levels"]) if lvl["evaluated"]]
-    assert set(evaluated) <= set(plan["sequence"]) and first["levels_evaluated"] == len(evaluated) <= 12
+    assert set(evaluated) <= set(plan["sequence"]) and first["levels_evaluated"] == len(evaluated) <= 19
     assert first["levels_evaluated_tune"] == len(plan["tune_evaluated"]) <= 8
     assert first["certified"], first["guarantee"]
     assert first["certified_sparsity"] in plan["sparsities"]
+    # The plot's record of the plan: D_tune's risk at each level the bisection tried (λ = 0 is the dense
+    # model: 0), in the order tried, at the grid's sparsities.
+    assert plan["tune_sparsities"] == [first["levels"][i]["sparsity"] for i in plan["tune_evaluated"]]
+    assert len(plan["tune_risks"]) == len(plan["tune_evaluated"]) and all(0 <= r <= 1 for r in plan["tune_risks"])
+    if 0 in plan["tune_evaluated"]:
+        assert plan["tune_risks"][plan["tune_evaluated"].index(0)] == 0.0
+    assert plan["tune_risks"][plan["tune_evaluated"].index(max(plan["tune_evaluated"]))] > 0.03  # the top fails
     # Change every D_cal row (inputs and labels): the plan, made from D_tune alone, stays the same.
     split = split_tune_cal(len(y), 0.1, 3)
     x2, y2 = x.copy(), y.copy()

@@ -313,3 +313,40 @@ def test_the_next_level_estimate_is_shown_as_an_estimate() -> None:
     hopeless = render_report("job_1", make_result(more_data={**more, "n_calibration_needed": None}))
     assert "more data alone would not certify it" in hopeless
     assert "next level" not in render_report("job_1", make_result())
+
+
+def test_the_planned_procedure_shows_d_tune_estimates_and_which_planned_levels_d_cal_tested() -> None:
+    """A planned job: diamonds at D_tune's risk for the levels the bisection evaluated, one tick per planned
+    level (solid where D_cal tested it, faint where the walk stopped before it), in the SVG and the PNG; the
+    levels table says why a level was not tested."""
+    from calibration.report import risk_curve_figure
+
+    levels = [level(0.1, None, None, False, evaluated=False), level(0.2, 0.01, 0.02, True),
+              level(0.3, 0.03, 0.06, False), level(0.4, None, None, False, evaluated=False),
+              level(0.5, None, None, False, evaluated=False)]
+    plan = {"sequence": [1, 2, 3], "sparsities": [0.2, 0.3, 0.4], "tune_evaluated": [2, 4, 3],
+            "tune_sparsities": [0.3, 0.5, 0.4], "tune_risks": [0.02, 0.2, 0.04], "estimate": 2}
+    result = make_result(procedure="planned", levels=levels, certified_sparsity=0.2,
+                         criteria=[{"criterion": "magnitude", "delta": 0.1, "certified_sparsity": 0.2,
+                                    "certified": True, "levels": levels, "plan": plan}])
+    page = render_report("job_p", result)
+    svg = svg_of(page)
+    diamonds = svg.findall(f".//{SVG}path[@class='tune-estimate']")
+    assert len(diamonds) == 3 and all("on D_tune" in d.find(f"{SVG}title").text for d in diamonds)
+    ticks = svg.findall(f".//{SVG}line[@data-criterion='magnitude']")
+    planned = [t for t in ticks if "planned-level" in (t.get("class") or "")]
+    assert len(planned) == 3
+    assert [t.get("class") for t in planned] == ["planned-level tested", "planned-level tested", "planned-level"]
+    xs = [float(t.get("x1")) for t in planned]
+    assert xs == sorted(xs) and xs[1] - xs[0] == pytest.approx(xs[2] - xs[1])  # evenly spaced 0.2, 0.3, 0.4
+    cells = re.findall(r"<td[^>]*>(not on the plan|not tested)</td>", page)
+    assert cells == ["not on the plan", "not tested", "not on the plan"], cells  # 0.1, 0.4 (past the failure), 0.5
+    labels = {line.get_label(): line for line in risk_curve_figure(result).axes[0].get_lines()}
+    tune = labels["magnitude: D_tune estimate (planning)"]
+    assert list(tune.get_xdata()) == [0.3, 0.5, 0.4] and list(tune.get_ydata()) == [0.02, 0.2, 0.04]
+    assert list(labels["magnitude: planned levels, tested on D_cal"].get_xdata()) == [0.2, 0.3]
+    assert list(labels["magnitude: planned levels, not reached on D_cal"].get_xdata()) == [0.4]
+    # Not planned: none of these marks.
+    plain = svg_of(render_report("job_f", make_result()))
+    assert not plain.findall(f".//{SVG}path[@class='tune-estimate']")
+    assert "not on the plan" not in render_report("job_f", make_result())
