@@ -8,7 +8,9 @@ and a 100-level grid (magnitude, global), this measures:
 - **ours**: ``calibration.certify(...)`` end to end (load → dense → scores → levels), with
   ``full_curve: True`` (every level evaluated: the worst case) and the typical case (fixed-sequence
   stops early; ε is picked from the full curve's upper confidence bounds so that it stops near
-  the middle of the grid), BN re-estimation off for the like-for-like comparison, and one run with
+  the middle of the grid, or, with a ``curve@N`` case first, from a full curve on N samples projected
+  to n), the same ε with ``procedure: "planned"`` (``planned``: D_tune plans the levels D_cal tests;
+  the table's case says how many levels D_tune evaluated, e.g. ``planned+7t``), BN re-estimation off for the like-for-like comparison, and one run with
   it on; in fp32 (exact, tf32 off) and, reported separately, in reduced precisions (the model as
   run in that precision).
 - **peer**: the naive pipeline people write today, in ``naive_level`` below: an eager twin, for
@@ -68,7 +70,7 @@ from calibration.risks import per_sample_losses  # noqa: E402
 
 GiB = 1024**3
 DEFAULT_CASES = {
-    "tiny": "fp32:full,fp32:typical,fp32:typical:bn",
+    "tiny": "fp32:full,fp32:typical,fp32:planned,fp32:typical:bn",
     "resnet18": "fp32:full,fp32:typical,fp32:typical:bn,tf32:full,bf16:full,bf16:typical",
     "resnet50": "fp32:full,fp32:typical,bf16:full,bf16:typical,bf16:typical:bn",
 }
@@ -329,6 +331,24 @@ def pick_typical_epsilon(levels: list[dict[str, Any]], target: float) -> tuple[f
     return best[1], best[2]
 
 
+def projected_epsilon(levels: list[dict[str, Any]], n_sub: int, n: int, target: float, delta: float = 0.1
+                      ) -> tuple[float, int]:
+    """The typical ε from a full curve measured on a subsample of ``n_sub`` samples (a ``curve@N`` case: a
+    full fp32 ResNet-50 curve on all n costs minutes): each level's one-sided binomial upper bound at the
+    job's n is projected from the subsample's empirical risk r as r + z_{1−δ}·√(r(1 − r)/n), then ε is
+    picked as :func:`pick_typical_epsilon` does. Only the number of levels the typical job evaluates
+    depends on this, and the table reports that number."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - delta)
+    projected = []
+    for lvl in levels:
+        r = lvl.get("empirical_risk")
+        r = 0.0 if r is None else float(r)
+        projected.append({"upper_bound": r + z * math.sqrt(max(r * (1 - r), 1.0 / n_sub) / n)})
+    return pick_typical_epsilon(projected, target)
+
+
 def run_certify(model_path: Path, data: CalibrationSet, cfg: dict[str, Any], dev: torch.device) -> dict[str, Any]:
     free(dev)
     state: dict[str, Any] = {}
@@ -350,6 +370,7 @@ def run_certify(model_path: Path, data: CalibrationSet, cfg: dict[str, Any], dev
     cert, t = wall(lambda: certify(model_path, data, cfg, progress=progress), dev)
     r = cert.result
     rec = {"ours_s": t, "levels_evaluated": r["levels_evaluated"], "n_cal": r["n_calibration"], "n_tune": r["n_tune"],
+           "levels_tune": int(r.get("levels_evaluated_tune") or 0),
            "certified_sparsity": r["certified_sparsity"], "device": r["device"], "precision": r["precision"],
            "bn": r["bn_recalibration"], "timings": r["timings"], "evaluator": r.get("evaluator"),
            "levels": [{k: lvl.get(k) for k in ("sparsity", "empirical_risk", "upper_bound", "evaluated", "rejected")}
@@ -476,12 +497,25 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device, ceil: di
     for case in [c for c in cases.split(",") if c]:
         parts = case.split(":")
         prec, kind, bn = parts[0], parts[1], len(parts) > 2 and parts[2] == "bn"
-        if kind == "typical" and eps_typ is None:
+        if kind.startswith("curve@"):  # a full curve on a subsample, only to choose the typical ε
+            n_sub = min(n, int(kind.split("@")[1]))
+            sub = CalibrationSet(x=data.x[:n_sub], y=data.y[:n_sub])
+            cfg_sub = {"criterion": "magnitude", "scope": "global", "sparsities": grid, "risk": "accuracy_drop",
+                       "bound": "binomial", "procedure": "fixed_sequence", "delta": 0.1, "epsilon": 0.05,
+                       "full_curve": True, "device": dev.type, "precision": prec, "batch_size": batch,
+                       "seed": args.seed, "bn_recalibration": False}
+            rec = run_certify(model_path, sub, cfg_sub, dev)
+            eps_typ, stop = projected_epsilon(rec["levels"], n_sub, n, args.typical_target)
+            log(f"  {case}: {rec['ours_s']:.1f} s; typical ε projected to n={n}: {eps_typ:.4g} "
+                f"(expected stop at level {stop})")
+            continue
+        if kind in ("typical", "planned") and eps_typ is None:
             log("  (no full-curve run yet to pick the typical ε from; using ε = 0.05)")
             eps_typ = 0.05
         cfg: dict[str, Any] = {"criterion": "magnitude", "scope": "global", "sparsities": grid,
-                               "risk": "accuracy_drop", "bound": "binomial", "procedure": "fixed_sequence",
-                               "delta": 0.1, "epsilon": eps_typ if kind == "typical" else 0.05,
+                               "risk": "accuracy_drop", "bound": "binomial",
+                               "procedure": "planned" if kind == "planned" else "fixed_sequence",
+                               "delta": 0.1, "epsilon": eps_typ if kind in ("typical", "planned") else 0.05,
                                "full_curve": kind == "full", "device": dev.type, "precision": prec,
                                "batch_size": batch, "seed": args.seed}
         cfg.update({"bn_recalibration": True, "tune_fraction": 0.25} if bn else {"bn_recalibration": False})
@@ -492,8 +526,9 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device, ceil: di
             eps_typ, stop = pick_typical_epsilon(rec["levels"], args.typical_target)
             log(f"    typical ε chosen from this curve: {eps_typ:.4g} (expected stop at level {stop})")
         lv = rec["levels_evaluated"]
+        lv_tune = rec["levels_tune"]
         eff = (rec.get("evaluator") or {}).get("effective_precision", prec)
-        passes = (lv + 1) * rec["n_cal"] + (lv + 1) * rec["n_tune"] * (1 if bn else 0)
+        passes = (lv + 1) * rec["n_cal"] + (lv + 1) * rec["n_tune"] * (1 if bn else 0) + lv_tune * rec["n_tune"]
         resident = (rec["evaluator"] or {}).get("resident_dtype") or "float32"
         elem = 2 if resident in ("bfloat16", "float16") else 4
         data_bytes = rec["n_cal"] * sample_elems * elem + rec["n_tune"] * sample_elems * 4
@@ -553,7 +588,8 @@ def fmt_table(records: list[dict[str, Any]]) -> str:
             mem, budget, ok = "-", f"{'-':>7s}", "-"
         fu = r.get("floor_unfused_s", r["floor_s"])
         ru = r.get("roof_unfused_pct", r["roof_pct"])
-        lines.append(f"{r['model']:9s} {r['precision']:5s} {r['case']:11s} {r['levels_evaluated']:3d} "
+        case = r["case"] + (f"+{r['levels_tune']}t" if r.get("levels_tune") else "")
+        lines.append(f"{r['model']:9s} {r['precision']:5s} {case:11s} {r['levels_evaluated']:3d} "
                      f"{r['ours_s']:8.2f} {peer} {ratio} {r['floor_s']:8.2f} {r['roof_pct']:5.0f}% "
                      f"{fu:8.2f} {ru:5.0f}% {mem:>24s} {budget} {ok:>9s}  {r.get('peer_how', '')}")
     return "\n".join(lines)

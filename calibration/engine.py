@@ -36,7 +36,7 @@ from .planned_sequence import PlannedSequence, plan_sequence, predict_pass
 from .planning import samples_needed
 from .procedures import get_procedure, split_delta
 from .reconstruct import Reconstructor
-from .risks import SEQUENCE_RISKS, empirical_risk, per_sample_losses, prediction_accuracy
+from .risks import SEQUENCE_RISKS, empirical_risk, per_sample_losses, prediction_accuracy, sequence_mask_name
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,17 @@ def dense_logits_checked(module: torch.nn.Module, x: torch.Tensor, batch_size: i
 
     def failed(xb: torch.Tensor, exc: BaseException) -> None:
         first = exception_summary(exc)
+        if "same device" in first and x.device.type == "cuda":
+            # torch.jit.trace records tensors a forward creates (masks, position ids) with the device it
+            # was traced on: a model traced on the CPU then cannot run on a GPU.
+            advice = ("The archive holds tensors fixed to the CPU, which happens when a model is traced with "
+                      "torch.jit.trace on the CPU: trace it on a CUDA device (model.cuda() and CUDA example "
+                      "inputs), script it with torch.jit.script, or run the job with device 'cpu'.")
+        else:
+            advice = ("Check that the data's input shape and dtype match what the model expects (integer arrays "
+                      "are passed as int64, floating ones as float32).")
         raise ModelError(
-            f"The model failed on a batch of inputs ({describe_batch(xb)}): {first}. "
-            "Check that the data's input shape and dtype match what the model expects (integer arrays are "
-            "passed as int64, floating ones as float32).",
+            f"The model failed on a batch of inputs ({describe_batch(xb)}): {first}. {advice}",
             code="model_forward_failed",
         ) from exc
 
@@ -456,9 +463,9 @@ def certify(
         dense_tune_np = dense_tune.cpu().numpy()
         y_tune_np = data.y[split.tune] if data.y is not None else None
         dense_cal_np = dense_cal.cpu().numpy()
-        has_mask = sequence and "attention_mask" in data.inputs  # the positions the sequence risks count
-        mask_cal = data.inputs["attention_mask"][split.cal] if has_mask else None
-        mask_tune = data.inputs["attention_mask"][split.tune] if has_mask else None
+        mask_name = sequence_mask_name(data.inputs) if sequence else None  # the positions the sequence risks count
+        mask_cal = data.inputs[mask_name][split.cal] if mask_name else None
+        mask_tune = data.inputs[mask_name][split.tune] if mask_name else None
         if y_cal is not None and y_cal.ndim != dense_cal_np.ndim:
             per_sample = list(dense_cal_np.shape[1:]) or "one class"
             raise DataError(f"'y' has shape {list(data.y.shape)} but the model predicts {per_sample} "

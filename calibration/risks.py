@@ -12,7 +12,9 @@ sets", arXiv 2101.02703).
 - ``error_rate`` (labels needed): E_i = 1[ŷ_λ ≠ y_i] ∈ {0, 1}.
 
 Sequence risks (logits (N, T, V): a prediction per position; issue 13 item 3). Positions count where
-the mask is on (the ``attention_mask`` input array, if the data has one) and the label is not −100
+the mask is on (the input array :func:`sequence_mask_name` picks: ``decoder_attention_mask`` for an
+encoder-decoder, whose logits are over the decoder's positions, else ``attention_mask``; if the data has
+one) and the label is not −100
 (when labels (N, T) are given); m_i is that count for sample i (a sample with m_i = 0 has loss 0):
 
 - ``token_disagreement`` (no labels): A_i = #{t: ŷ_λ,it ≠ ŷ_0,it} / m_i ∈ [0, 1], the fraction of
@@ -37,6 +39,9 @@ LABELLED_RISKS: tuple[str, ...] = ("accuracy_drop", "error_rate", "token_accurac
 SEQUENCE_RISKS: dict[str, tuple[float, float]] = {"token_disagreement": (0.0, 1.0),
                                                   "token_accuracy_drop": (-1.0, 1.0)}
 IGNORE_INDEX = -100  # a label that marks a position out of the risk (Hugging Face's convention)
+#: Input arrays that mark the positions of (N, T, V) logits, the first present wins: an encoder-decoder's
+#: logits are over the decoder's positions, so its ``decoder_attention_mask`` and never the encoder's mask.
+SEQUENCE_MASKS: tuple[str, ...] = ("decoder_attention_mask", "attention_mask")
 # The values a per-sample loss of each risk can take (used to validate input losses).
 LOSS_VALUES: dict[str, tuple[int, ...]] = {
     "accuracy_drop": (-1, 0, 1),
@@ -107,6 +112,12 @@ def per_sample_losses(
     return pruned_wrong - (dense != y).astype(np.int8)  # accuracy_drop ∈ {−1, 0, 1}
 
 
+def sequence_mask_name(input_names) -> str | None:
+    """The data's input array that masks the positions of (N, T, V) logits (see ``SEQUENCE_MASKS``), or None."""
+    names = set(input_names)
+    return next((n for n in SEQUENCE_MASKS if n in names), None)
+
+
 def counted_positions(shape: tuple[int, ...], labels: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray:
     """Bool (n_samples, T): the positions a sequence risk counts — mask on (if any), label not −100 (if any)."""
     valid = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask) != 0
@@ -124,7 +135,8 @@ def sequence_losses(risk: str, pruned_pred: np.ndarray, dense_pred: np.ndarray, 
                         f"{list(pruned.shape)} and {list(dense.shape)}.")
     if mask is not None and np.shape(mask) != pruned.shape:
         raise DataError(f"The mask has shape {list(np.shape(mask))} but the model predicts {list(pruned.shape)} "
-                        "positions (samples, positions); 'attention_mask' must match the logits' first two axes.",
+                        "positions (samples, positions); the mask ('attention_mask', or 'decoder_attention_mask' for "
+                        "an encoder-decoder) must match the logits' first two axes.",
                         code="data_bad_shape")
     y = None
     if labels is not None:
@@ -171,8 +183,10 @@ def empirical_risk(losses: np.ndarray) -> float:
 
 __all__ = [
     "IGNORE_INDEX",
+    "SEQUENCE_MASKS",
     "SEQUENCE_RISKS",
     "sequence_losses",
+    "sequence_mask_name",
     "prediction_accuracy",
     "LABELLED_RISKS",
     "LOSS_VALUES",
