@@ -519,10 +519,10 @@ Notes
 - Reconstruction: RNN weights and the fused fast path of `nn.TransformerEncoderLayer` / `nn.MultiheadAttention`
   (scripted: inside control flow; traced under no_grad: one fused op) are not reconstructed, and the result
   says so with the reason; HF layers are plain `linear`/`addmm` nodes and are all reconstructed.
-- T5ForConditionalGeneration: the logits are over the decoder's 8 positions but the sequence risk takes the
-  encoder's `attention_mask` (16), so the job is refused (`data_bad_shape`); with equal lengths it would count
-  the wrong positions. `calibration.risks.sequence_mask_name` picks `decoder_attention_mask`; the engine has
-  to use it (a two-line change in calibration/engine.py).
+- T5ForConditionalGeneration: the logits are over the decoder's 8 positions, so the sequence risk counts the
+  positions of `decoder_attention_mask` (`calibration.risks.sequence_mask_name`), not the encoder's
+  `attention_mask` (16); before that fix the job was refused (`data_bad_shape`), and with equal lengths it
+  would have counted the wrong positions.
 """
 
 
