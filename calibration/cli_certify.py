@@ -32,10 +32,10 @@ def build_parser(prog: str = "certiprune certify") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Certify how far a TorchScript model can be pruned "
                                 "(Learn then Test) and write the pruned model.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="TorchScript archive (torch.jit.save)")
+    p.add_argument("model", help="TorchScript archive (torch.jit.save) or torch.export archive (.pt2)")
     p.add_argument("--data", required=True, help="calibration set: .npz or .safetensors with x (or one array per forward "
                    "argument, named after it) and optional y")
-    p.add_argument("--out", required=True, help="where to write the pruned TorchScript model")
+    p.add_argument("--out", required=True, help="where to write the pruned model (in the upload's format: name it .pt2 for a .pt2 model)")
     p.add_argument("--report", help="write the result JSON here (and a PNG plot beside it)")
     p.add_argument("--uncertainty", help="safetensors of per-parameter training statistics (criterion mu)")
     p.add_argument("--criterion", nargs="+", choices=CRITERIA,
@@ -172,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_summary(cert.result))
     print(f"\npruned model written to {args.out} (sha256 {cert.result['artifact_sha256']})")
+    from .pt2_archive import is_pt2
+
+    if is_pt2(args.out) and not str(args.out).endswith(".pt2"):
+        print("note: the model is a torch.export archive, so the artifact is one too: name it .pt2 "
+              "(torch.export.load expects that suffix)")
     if args.report:
         report = Path(args.report)
         report.write_text(json.dumps(cert.result, indent=2))

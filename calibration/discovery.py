@@ -346,7 +346,13 @@ def discover(module: torch.nn.Module, *, exclude_first_last: bool = False,
     groups = _Groups(module)
     method = "graph"
     try:
-        uses, lookups = _graph_uses(module, groups)
+        from .exported import graph_uses as exported_graph_uses, is_exported
+
+        if is_exported(module):  # a torch.export program: its FX graph (calibration.exported)
+            uses, lookups = exported_graph_uses(module, groups)
+            method = "exported_graph"
+        else:
+            uses, lookups = _graph_uses(module, groups)
     except Exception:  # not a ScriptModule, or a graph torch will not copy or inline
         uses, lookups = _eager_uses(module, groups)
         method = "module_types"

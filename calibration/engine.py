@@ -29,7 +29,7 @@ from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, sele
 from .candidates import BatchNormChooser, CandidateBuilder, CandidateState
 from .finetune import SOFT_TARGET_ELEMENTS, Finetuner, dense_targets
 from .masks import NestedMasks, restore
-from .model import batchnorm_modules, discover_prunable, load_model, resolve_device, save_model
+from .model import batchnorm_modules, discover_prunable, is_exported, load_model, resolve_device, save_model
 from .p_values import p_value, resolve_bound, upper_confidence_bound
 from .patterns import PatternMasks
 from .planned_sequence import PlannedSequence, plan_sequence, predict_pass
@@ -398,8 +398,9 @@ def certify(
                                   exclude=cfg.prune_exclude)
     weights = discovery.weights
     has_bn = bool(batchnorm_modules(module))
-    use_bn = has_bn and (cfg.bn_recalibration if cfg.bn_recalibration is not None else True)
-    tune_fraction = cfg.resolved_tune_fraction(has_bn)
+    exported_bn = has_bn and is_exported(module)  # an eval-specialised .pt2 graph: BN statistics stay dense
+    use_bn = has_bn and not exported_bn and (cfg.bn_recalibration if cfg.bn_recalibration is not None else True)
+    tune_fraction = cfg.resolved_tune_fraction(has_bn and not exported_bn)
     split = split_tune_cal(data.n, tune_fraction, cfg.seed)
     if split.tune.size == 0:
         data_criteria = [c for c in cfg.criterion if c == "obd" or (c == "mu" and uncertainty is None)]
@@ -516,7 +517,8 @@ def certify(
                  for name in cfg.criterion}
         total = sum(len(g) for g in grids.values())
         per_criterion: list[dict[str, Any]] = []
-        bn_status = "no_batchnorm" if not has_bn else ("on" if use_bn else "off")
+        bn_status = ("no_batchnorm" if not has_bn else "unavailable_exported_graph" if exported_bn
+                     else "on" if use_bn else "off")
         evaluated_levels = 0
         # What each evaluated level looked like when it was tested: its accuracy on D_cal (no extra pass
         # is needed for the artifact's accuracy), and the candidate that is the best certified so far.

@@ -108,6 +108,10 @@ def describe_batch(xb: Any) -> str:
 
 def forward_arguments(module: torch.nn.Module) -> list[tuple[str, bool]] | None:
     """(name, has_default) of each forward argument after ``self``; None when it cannot be read."""
+    from .exported import forward_arguments as exported_arguments, is_exported
+
+    if is_exported(module):  # a torch.export program: its user inputs (calibration.exported)
+        return exported_arguments(module)
     try:
         schema = module.forward.schema  # type: ignore[union-attr]
         args = list(schema.arguments)

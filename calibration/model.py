@@ -1,7 +1,9 @@
-"""Load TorchScript models, find their prunable weights, save the pruned artifact.
+"""Load models, find their prunable weights, save the pruned artifact.
 
-Uploaded archives are untrusted code (a TorchScript archive is a program): the service only
-calls these functions inside a worker process.
+Two formats, told apart by content: TorchScript archives and torch.export ``.pt2`` archives
+(:mod:`calibration.exported`); the artifact is written in the format of the upload. Uploaded archives
+are untrusted code (a TorchScript archive is a program; ``torch.export.load`` unpickles): the service
+only calls these functions inside a worker process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from .errors import ModelError, exception_summary
 from .archive import check_archive
 from .discovery import Discovery, PrunableWeight, batchnorm_modules, discover
+from .exported import is_exported, load_exported, save_exported
+from .pt2_archive import is_pt2
 
 @contextlib.contextmanager
 def quiet_torchscript_warnings() -> Iterator[None]:
@@ -30,11 +34,18 @@ def quiet_torchscript_warnings() -> Iterator[None]:
         yield
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load a TorchScript archive in eval mode; refuse what cannot be pruned.
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a TorchScript archive in eval mode, or a ``.pt2`` archive (:func:`calibration.exported.load_exported`,
+    which says what it checks); refuse what cannot be pruned.
 
     The operator allowlist is checked again here, on the bytes torch's reader will hand to the
     compiler, because ``torch.jit.load`` already runs the archive's ``__setstate__`` code."""
+    if is_pt2(path):
+        check_archive(path)  # the structure and the zip-bomb limit first; load_exported re-checks with torch's reader
+        module = load_exported(path, device)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
     check_archive(path, torch_reader=True)
     with quiet_torchscript_warnings():
         try:
@@ -84,8 +95,9 @@ def is_traced(module: torch.nn.Module) -> bool:
     return "Traced" in type(module).__name__
 
 
-def save_model(module: torch.jit.ScriptModule, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename): a half-written artifact is never visible.
+def save_model(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename): a half-written artifact is never visible. A module loaded from a
+    ``.pt2`` archive is written as one (``torch.export.save``), a TorchScript module as TorchScript.
 
     The archive's inner folder is named after the file, so the temporary file gets the final name inside
     a private temporary folder: the same model saved to the same name gives the same bytes (a job's
@@ -95,8 +107,11 @@ def save_model(module: torch.jit.ScriptModule, path: str | os.PathLike) -> None:
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     tmp = tmp_dir / path.name
     try:
-        with quiet_torchscript_warnings():
-            module.save(str(tmp))
+        if is_exported(module):
+            save_exported(module, tmp)
+        else:
+            with quiet_torchscript_warnings():
+                module.save(str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -123,6 +138,7 @@ __all__ = [
     "check_archive",
     "discover_prunable",
     "find_prunable",
+    "is_exported",
     "is_traced",
     "load_model",
     "resolve_device",

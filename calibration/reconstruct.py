@@ -231,6 +231,11 @@ class Reconstructor:
         if x_tune.shape[0] == 0:
             raise ModelError("Weight reconstruction needs tuning data (D_tune) but it is empty.",
                              code="tune_data_required")
+        from .exported import NOT_RECONSTRUCTED, is_exported
+
+        if is_exported(module):  # no graph probe for FX graphs: every layer is masked, with the reason
+            return cls(hessians={}, skipped={w.name: NOT_RECONSTRUCTED for w in weights}, method=method,
+                       n_tune=int(x_tune.shape[0]), damp=damp, unavailable=NOT_RECONSTRUCTED)
         try:
             probe = build_probe(module, weights)
         except ModelError as exc:

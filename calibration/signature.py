@@ -69,7 +69,12 @@ def archive_forward_signature(path: str | os.PathLike) -> Signature | None:
 
     The class is the first GLOBAL of ``data.pkl`` (read as opcodes, never unpickled); its code is
     ``code/<qualified module path>.py``, parsed with ``ast`` (TorchScript code is Python syntax).
+    A ``.pt2`` archive: its program's user inputs (:func:`calibration.pt2_archive.pt2_forward_signature`).
     """
+    from .pt2_archive import is_pt2, pt2_forward_signature
+
+    if is_pt2(path):
+        return pt2_forward_signature(path)
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

@@ -298,6 +298,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.out:
             sha = download_artifact(client, job_id, Path(args.out))
             console.print(f"Wrote {args.out} (sha256 {sha}, verified)")
+            from calibration.pt2_archive import is_pt2
+
+            if is_pt2(args.out) and not str(args.out).endswith(".pt2"):
+                console.print("note: the artifact is a torch.export archive (the upload was one): name it .pt2 "
+                              "(torch.export.load expects that suffix)")
         if args.report:
             Path(args.report).write_text(json.dumps(result, indent=2))
             console.print(f"Wrote {args.report}")

@@ -19,6 +19,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
+from calibration.pt2_archive import is_pt2
+
 from ..deps import ExecutorDep, MetricsDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from ..errors import ApiError, reject_unknown_query_parameters
 from ..intake import (
@@ -133,7 +135,8 @@ async def create_job(
     storage: StorageDep,
     executor: ExecutorDep,
     metrics: MetricsDep,
-    model: Annotated[UploadFile | None, File(description="TorchScript archive (torch.jit.save)")] = None,
+    model: Annotated[UploadFile | None, File(description="TorchScript archive (torch.jit.save) or torch.export "
+                                                         "archive (torch.export.save, .pt2)")] = None,
     data: Annotated[UploadFile | None, File(description="Calibration set: .npz (x, optional y) or safetensors")] = None,
     dataset: Annotated[str | None, Form(description="Instead of `data`: a ds_ id, or an allowed URI")] = None,
     uncertainty: Annotated[UploadFile | None, File(description="safetensors training statistics (for mu)")] = None,
@@ -329,13 +332,22 @@ def delete_job(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDe
     return Response(status_code=204)
 
 
+def _artifact_extension(storage: Any, relpath: str) -> str:
+    """``pt2`` for a torch.export archive (by content: the file is stored as artifact.pt), else ``pt``."""
+    try:
+        with storage.open(relpath) as fh:
+            return "pt2" if is_pt2(fh) else "pt"
+    except Exception:
+        return "pt"
+
+
 @router.get("/{job_id}/artifact", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, **AUTH, **NOT_FOUND,
                        409: {"model": ErrorBody, "description": "The job has not succeeded (yet)."},
                        410: {"model": ErrorBody, "description": "The artifact is no longer stored."}, **INVALID})
 def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: StorageDep,
                  accept_encoding: Annotated[str | None, Header()] = None) -> Response:
-    """The pruned TorchScript archive; verify it against the X-Checksum-SHA256 header (of the file itself).
+    """The pruned model in the upload's format (TorchScript, or .pt2 for a torch.export upload); verify it against the X-Checksum-SHA256 header (of the file itself).
 
     Sent gzip-compressed when the client accepts it (browsers, httpx, ``curl --compressed``): the
     zeros of a pruned model compress well, and clients decode it transparently.
@@ -345,7 +357,7 @@ def get_artifact(job_id: str, owner: OwnerDep, store: StoreDep, storage: Storage
     relpath = f"{job_dir(job_id)}/artifact.pt"
     if not storage.exists(relpath):
         raise ApiError(410, "artifact_missing", f"The artifact of job {job_id} is no longer in storage.")
-    filename = f"{job_id}-pruned.pt"
+    filename = f"{job_id}-pruned.{_artifact_extension(storage, relpath)}"
     headers = {"X-Checksum-SHA256": job.artifact_sha256 or "", "Vary": "Accept-Encoding"}
     gzip = accepts_gzip(accept_encoding)
     if storage.is_local and not gzip:
