@@ -43,6 +43,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB, T, IMG = 100, 16, 32
+DEVICE = "cpu"  # where the jobs run (--device); the models are built and saved on the CPU
 EPSILON, DELTA, GRID = 0.2, 0.1, [0.1, 0.2, 0.3, 0.5, 0.7]
 
 
@@ -181,6 +182,55 @@ class Arch:
     decoder: int = 0  # an encoder-decoder: decoder_input_ids / decoder_attention_mask of this many positions
 
 
+def _torchvision(fn: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, fn)(**kw)
+    return build
+
+
+def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kw)
+    return build
+
+
+def vision_library_architectures() -> list[Arch]:
+    """torchvision and timm models, where those libraries are installed (the H200 image has both; here the
+    PyPI torchvision wheel is a CUDA build, so neither is a dependency)."""
+    import importlib.util
+
+    archs: list[Arch] = []
+    if importlib.util.find_spec("torchvision") is not None:
+        archs += [
+            Arch("torchvision VisionTransformer (2 layers, 32 wide)", _torchvision(
+                "VisionTransformer", image_size=IMG, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                mlp_dim=64, num_classes=10), ("x",), input_kind="image"),
+            Arch("torchvision resnet18", _torchvision("resnet18", num_classes=10), ("x",), input_kind="image"),
+            Arch("torchvision mobilenet_v3_small", _torchvision("mobilenet_v3_small", num_classes=10), ("x",),
+                 input_kind="image"),
+            Arch("torchvision efficientnet_b0", _torchvision("efficientnet_b0", num_classes=10), ("x",),
+                 input_kind="image"),
+            Arch("torchvision convnext_tiny", _torchvision("convnext_tiny", num_classes=10), ("x",),
+                 input_kind="image"),
+        ]
+    if importlib.util.find_spec("timm") is not None:
+        archs += [
+            Arch("timm tf_efficientnet_b0 (Conv2dSame, BatchNormAct2d)", _timm("tf_efficientnet_b0", num_classes=10),
+                 ("x",), input_kind="image"),
+            Arch("timm efficientnet_b0 (BatchNormAct2d)", _timm("efficientnet_b0", num_classes=10), ("x",),
+                 input_kind="image"),
+            Arch("timm vit_tiny (2 blocks, 32×32)", _timm("vit_tiny_patch16_224", img_size=IMG, patch_size=8, depth=2,
+                                                          num_classes=10), ("x",), input_kind="image"),
+            Arch("timm convnext_atto", _timm("convnext_atto", num_classes=10), ("x",), input_kind="image"),
+            Arch("timm resnet18", _timm("resnet18", num_classes=10), ("x",), input_kind="image"),
+        ]
+    return archs
+
+
 def architectures() -> list[Arch]:
     hf_modes = ("script", "trace", "trace_tuple")
     return [
@@ -242,6 +292,7 @@ def architectures() -> list[Arch]:
         Arch("HF SwinForImageClassification", _hf("SwinForImageClassification", "SwinConfig", image_size=IMG,
              patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=10), ("x",),
              hf=True, modes=hf_modes, input_kind="image"),
+        *vision_library_architectures(),
         Arch("LSTM text classifier", LSTMClassifier, ("input_ids",)),
         Arch("GRU text classifier", GRUClassifier, ("input_ids",)),
         Arch("nn.TransformerEncoder classifier", EncoderClassifier, ("input_ids",)),
@@ -418,7 +469,8 @@ def run_one(arch: Arch, mode: str, n: int, work: Path) -> Row:
     except Exception as exc:  # noqa: BLE001
         row.loads = f"n ({_short(exc, 60)})"
         return row
-    cfg = {"risk": arch.risk, "epsilon": EPSILON, "delta": DELTA, "sparsities": GRID, "batch_size": 128}
+    cfg = {"risk": arch.risk, "epsilon": EPSILON, "delta": DELTA, "sparsities": GRID, "batch_size": 128,
+           "device": DEVICE}
     t = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -526,12 +578,23 @@ Notes
 """
 
 
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", help="substrings of architecture names")
     ap.add_argument("--n", type=int, default=300, help="calibration samples per model")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "architectures_cpu.md"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the jobs run")
+    ap.add_argument("--write", action="store_true", help="write --out also with --only")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -554,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(row.md(), flush=True)
     total = time.perf_counter() - t_all
-    head = (f"# Architectures × certiprune (CPU, 1 thread)\n\n"
-            f"torch {torch.__version__}, transformers {hf_version or 'not installed'}; random weights; n = {args.n} "
+    head = (f"# Architectures × certiprune (jobs on {DEVICE}, 1 thread)\n\n"
+            f"torch {torch.__version__}, transformers {hf_version or 'not installed'}, "
+            f"torchvision {_version('torchvision')}, timm {_version('timm')}; random weights; n = {args.n} "
             f"(T = {T} tokens, vocab {VOCAB}; images 3×{IMG}×{IMG}); magnitude, global; "
             f"ε = {EPSILON}, δ = {DELTA}, "
             f"grid {GRID}; risk `disagreement` for classifiers, `token_disagreement` for (N, T, V) outputs. "
@@ -563,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([HEADER, *(r.md() for r in rows)])
     text = head + table + "\n" + FINDINGS
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    if not args.only:
+    if not args.only or args.write:
         Path(args.out).write_text(text)
     print("\n" + text)
     return 0
