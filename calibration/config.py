@@ -1,16 +1,20 @@
 """CertifyConfig: the parameters of one certification, validated once at the boundary.
 
-Validation follows scikit-learn's habit: a declared table of constraints, errors that name
-the parameter, what was expected and what arrived. Internal code then trusts the values.
+Validation follows scikit-learn's habit: ``PARAMETERS`` declares each field's constraint
+(``calibration.params``), default, help and CLI flag; ``validate_config`` loops over it, with errors that
+name the parameter, what was expected and what arrived. Internal code then trusts the values. The same
+table generates the options of ``certiprune certify`` and ``certiprune submit``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+import argparse
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .params import (Boolean, Choices, Grid, IndexOrKey, IntRange, Interval, NamePatterns, Nullable, Options, Param,
+                     Switchable, add_options, describe_table, fail, values_from_args)
 
 CRITERIA = ("magnitude", "mu", "obd", "random")
 DATA_CRITERIA = ("mu", "obd")  # criteria whose scores need D_tune
@@ -109,116 +113,95 @@ class CertifyConfig:
         return d
 
 
-def _fail(name: str, expected: str, got: Any, fix: str = "") -> ConfigError:
-    msg = f"The '{name}' parameter must be {expected}. Got {got!r}."
-    return ConfigError(msg + (f" {fix}" if fix else ""))
+#: finetune's own fields, in the order they are checked
+FINETUNE_PARAMETERS: dict[str, Param] = {
+    "steps": Param(IntRange(0, 1_000_000), FinetuneConfig.steps,
+                   "fine-tuning steps per level; with chain a level continues from the one below it"),
+    "batch_size": Param(IntRange(1, 1 << 16), FinetuneConfig.batch_size, "fine-tuning batch size"),
+    "lr": Param(Interval(0, 1, closed="right", note="relative: a layer's step is lr × the RMS of its weights"),
+                FinetuneConfig.lr, "relative fine-tuning rate: each layer's Adam step is LR × the RMS of its weights",
+                flag="--finetune-lr", metavar="LR"),
+    "loss": Param(Options(FINETUNE_LOSSES), FinetuneConfig.loss,
+                  "distill (to the dense model's logits; what auto means) or labels (cross-entropy on D_tune's labels)",
+                  flag="--finetune-loss"),
+    "chain": Param(Boolean(), FinetuneConfig.chain,
+                   "start each level from the previous level's fine-tuned weights (not with reconstruct)"),
+}
 
+_D = CertifyConfig()
+_OPEN_UNIT = Interval(0, 1, closed="neither", expected="a number in the open interval (0, 1)")
+_TRUE_FALSE_NULL = Nullable(Boolean(), expected="true, false or null")
 
-def _option(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in options:
-        return_msg = "one of " + ", ".join(repr(o) for o in options)
-        raise _fail(name, return_msg, value)
-    return value
-
-
-def _open_unit(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(name, "a number in the open interval (0, 1)", value)
-    if not 0.0 < float(value) < 1.0:
-        raise _fail(name, "a number in the open interval (0, 1)", value)
-    return float(value)
-
-
-def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, f"an integer ≥ {low}", value)
-    if value < low or (high is not None and value > high):
-        rng = f"in [{low}, {high}]" if high is not None else f"≥ {low}"
-        raise _fail(name, f"an integer {rng}", value)
-    return value
-
-
-def _bool_or_none(name: str, value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise _fail(name, "true, false or null", value)
-
-
-def _criteria(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not items:
-        raise _fail("criterion", f"one of {CRITERIA} or a non-empty list of them", value)
-    out = tuple(_option("criterion", c, CRITERIA) for c in items)
-    if len(set(out)) != len(out):
-        raise _fail("criterion", "a list without duplicates", value)
-    return out
-
-
-def _sparsities(value: Any) -> tuple[float, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _fail("sparsities", "a non-empty, strictly increasing list of numbers in [0, 1)", value)
-    out = []
-    for s in value:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise _fail("sparsities", "a list of numbers in [0, 1)", value, f"Offending entry: {s!r}.")
-        if not 0.0 <= float(s) < 1.0:
-            raise _fail("sparsities", "a list of numbers in [0, 1)", value, f"Offending entry: {s!r}.")
-        out.append(float(s))
-    for a, b in zip(out, out[1:]):
-        if not b > a:
-            raise _fail("sparsities", "strictly increasing (sorted, no duplicates)", value,
-                        f"{b!r} follows {a!r}.")
-    if len(out) > 1000:
-        raise _fail("sparsities", "at most 1000 levels", f"{len(out)} levels")
-    return tuple(out)
-
-
-def _name_patterns(name: str, value: Any) -> tuple[str, ...]:
-    """Glob patterns over parameter names (``fnmatch``: ``*``, ``?``, ``[seq]``), e.g. ``["*.attn.*", "fc.weight"]``."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or len(items) > 1000:
-        raise _fail(name, "a list of at most 1000 glob patterns over parameter names (e.g. [\"encoder.*.weight\"])",
-                    value)
-    for item in items:
-        if not isinstance(item, str) or not item.strip() or len(item) > 500:
-            raise _fail(name, "a list of non-empty glob patterns (strings of at most 500 characters)", value,
-                        f"Offending entry: {item!r}.")
-    return tuple(items)
-
-
-def _finetune(value: Any) -> FinetuneConfig | None:
-    """``false``/``null``: off; ``true``: the defaults; an object with any of steps, lr, batch_size, loss."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return FinetuneConfig()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return FinetuneConfig(steps=_int("finetune", value, 1, 1_000_000))
-    expected = ("true, false, a number of steps, or an object with any of 'steps', 'lr', 'batch_size', "
-                "'loss', 'chain'")
-    if not isinstance(value, dict):
-        raise _fail("finetune", expected, value)
-    unknown = sorted(set(value) - {"steps", "lr", "batch_size", "loss", "chain"})
-    if unknown:
-        raise _fail("finetune", expected, value, f"Unknown key(s): {', '.join(map(repr, unknown))}.")
-    kw: dict[str, Any] = {}
-    if "steps" in value:
-        kw["steps"] = _int("finetune.steps", value["steps"], 0, 1_000_000)
-    if "batch_size" in value:
-        kw["batch_size"] = _int("finetune.batch_size", value["batch_size"], 1, 1 << 16)
-    if "lr" in value:
-        lr = value["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 1:
-            raise _fail("finetune.lr", "a number in (0, 1] (relative: a layer's step is lr × the RMS of its "
-                        "weights)", lr)
-        kw["lr"] = float(lr)
-    if "loss" in value:
-        kw["loss"] = _option("finetune.loss", value["loss"], FINETUNE_LOSSES)
-    if "chain" in value:
-        if not isinstance(value["chain"], bool):
-            raise _fail("finetune.chain", "true or false", value["chain"])
-        kw["chain"] = value["chain"]
-    return FinetuneConfig(**kw)
+#: One entry per CertifyConfig field: constraint, default, help, and the CLI flag (None: only via --config).
+PARAMETERS: dict[str, Param] = {
+    "criterion": Param(Choices(CRITERIA), _D.criterion,
+                       "which weights go first; several are tested with δ split between them", flag="--criterion"),
+    "scope": Param(Options(SCOPES), _D.scope, "rank weights across the whole model (global) or within each layer",
+                   flag="--scope"),
+    "risk": Param(Nullable(Options(RISKS)), _D.risk, "what must stay under ε", flag="--risk",
+                  default_help="accuracy_drop with labels, disagreement without"),
+    "epsilon": Param(_OPEN_UNIT, _D.epsilon, "tolerance ε in (0, 1) for the risk", flag="--epsilon"),
+    "delta": Param(_OPEN_UNIT, _D.delta, "allowed failure probability δ in (0, 1)", flag="--delta",
+                   default_help="0.1: 90% sure"),
+    "sparsities": Param(Grid(max_levels=1000), _D.sparsities, "the levels: a comma-separated increasing list, "
+                        "e.g. 0.1,0.2,0.3", flag="--sparsities", default_help="0.00, 0.01, …, 0.99"),
+    "bound": Param(Options(BOUNDS), _D.bound, "p-value and confidence bound", flag="--bound",
+                   default_help="auto: paired_exact for accuracy_drop, wsr for the token risks, binomial otherwise"),
+    "procedure": Param(Options(PROCEDURES), _D.procedure, "family-wise error control over the levels",
+                       flag="--procedure"),
+    "tune_fraction": Param(Nullable(Interval(0, 1, closed="left"), expected="a number in [0, 1) or null"),
+                           _D.tune_fraction, "share of the data held out (D_tune) for scoring (obd, mu), BatchNorm "
+                           "re-estimation, reconstruction, fine-tuning and planning", flag="--tune-fraction",
+                           default_help=f"0.25 when needed, {PLANNING_TUNE_FRACTION} when only planned needs it, "
+                                        "else 0"),
+    "seed": Param(IntRange(0, 2**63 - 1), _D.seed, "seed of the tune/calibration split and of 'random'",
+                  flag="--seed"),
+    "batch_size": Param(IntRange(1, 1 << 20), _D.batch_size, "evaluation batch size", flag="--batch-size"),
+    "device": Param(Options(DEVICES), _D.device, "where to evaluate", flag="--device"),
+    "precision": Param(Options(PRECISIONS), _D.precision, "arithmetic of the evaluation, and so of the certified "
+                       "model (tf32/bf16/fp16 only on CUDA: the certificate is for the model run that way)",
+                       flag="--precision", default_help="fp32, exact"),
+    "exclude_first_last": Param(Boolean(), _D.exclude_first_last, "never prune the first and the last prunable "
+                                "layer", flag="--exclude-first-last", flag_sets=True),
+    "prune_include": Param(Nullable(NamePatterns(empty_hint="An empty list would leave nothing to prune; use null "
+                                                            "for the default weights.")), _D.prune_include,
+                           "prune only the weights whose parameter name matches one of these glob patterns "
+                           "(e.g. 'encoder.*'); can opt in an embedding", flag="--prune-include",
+                           default_help="every weight that multiplies an input"),
+    "prune_exclude": Param(Nullable(NamePatterns(), null_value=()), _D.prune_exclude,
+                           "never prune the weights whose parameter name matches one of these glob patterns",
+                           flag="--prune-exclude"),
+    "bn_recalibration": Param(_TRUE_FALSE_NULL, _D.bn_recalibration, "keep the dense model's BatchNorm statistics",
+                              flag="--no-bn-recalibration", flag_sets=False,
+                              default_help="re-estimate them on D_tune when the model has BatchNorm"),
+    "bn_statistics": Param(Options(BN_STATISTICS), _D.bn_statistics, "choose: per level the dense, re-estimated or "
+                           "blended BatchNorm statistics, whichever a held-out half of D_tune prefers; reestimate: "
+                           "always re-estimate on D_tune", flag="--bn-statistics"),
+    "full_curve": Param(Boolean(), _D.full_curve, "evaluate every level, also after testing stopped",
+                        flag="--full-curve", flag_sets=True),
+    "mu_steps": Param(IntRange(2, 100_000), _D.mu_steps, "re-created trajectory length for mu without uploaded "
+                      "statistics"),
+    "mu_lr": Param(Interval(0, 10, closed="neither"), _D.mu_lr, "relative step per update of mu's re-created "
+                   "trajectory"),
+    "obd_samples": Param(IntRange(1, 1_000_000), _D.obd_samples, "per-sample gradients averaged for obd's Fisher "
+                         "diagonal"),
+    "reconstruct": Param(Boolean(), _D.reconstruct, "re-fit the kept weights of each layer on D_tune after masking "
+                         "(Optimal Brain Surgeon)", flag="--reconstruct", flag_sets=True),
+    "finetune": Param(Switchable(FinetuneConfig, FINETUNE_PARAMETERS, count_field="steps",
+                                 count=IntRange(1, 1_000_000),
+                                 expected="true, false, a number of steps, or an object with any of 'steps', 'lr', "
+                                          "'batch_size', 'loss', 'chain'"),
+                      _D.finetune, "fine-tune each level's kept weights on D_tune with its mask fixed; optionally "
+                      "the number of steps", flag="--finetune",
+                      default_help=f"off; {FinetuneConfig.steps} steps when no number is given"),
+    "pattern": Param(Nullable(Options(PATTERNS)), _D.pattern, "semi-structured sparsity: the levels are which "
+                     "layers are made 2:4 (no --sparsities)", flag="--pattern", default_help="unstructured"),
+    "cudnn_benchmark": Param(_TRUE_FALSE_NULL, _D.cudnn_benchmark, "cuDNN's autotuner; null: only for jobs large "
+                             "enough"),
+    "output": Param(IndexOrKey(IntRange(-64, 63), max_length=200), _D.output, "which entry of a tuple/list (an "
+                    "index) or dict (a key) output is the logits", flag="--output", metavar="INDEX_OR_KEY",
+                    default_help="the first tensor, or the dict's 'logits'"),
+}
 
 
 def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig:
@@ -229,90 +212,47 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
         raw = raw.to_dict()
     if not isinstance(raw, dict):
         raise ConfigError(f"The config must be a JSON object. Got {type(raw).__name__}.")
-    known = {f.name for f in fields(CertifyConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - set(PARAMETERS))
     if unknown:
         raise ConfigError(
-            f"Unknown config field(s): {', '.join(map(repr, unknown))}. Valid fields: {', '.join(sorted(known))}.",
+            f"Unknown config field(s): {', '.join(map(repr, unknown))}. "
+            f"Valid fields: {', '.join(sorted(PARAMETERS))}.",
             code="unknown_config_field",
         )
-    kw: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "criterion":
-            kw[key] = _criteria(value)
-        elif key == "scope":
-            kw[key] = _option(key, value, SCOPES)
-        elif key == "risk":
-            kw[key] = None if value is None else _option(key, value, RISKS)
-        elif key in ("epsilon", "delta"):
-            kw[key] = _open_unit(key, value)
-        elif key == "sparsities":
-            kw[key] = _sparsities(value)
-        elif key == "bound":
-            kw[key] = _option(key, value, BOUNDS)
-        elif key == "procedure":
-            kw[key] = _option(key, value, PROCEDURES)
-        elif key == "tune_fraction":
-            if value is None:
-                kw[key] = None
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise _fail(key, "a number in [0, 1) or null", value)
-            else:
-                kw[key] = float(value)
-        elif key == "seed":
-            kw[key] = _int(key, value, 0, 2**63 - 1)
-        elif key == "batch_size":
-            kw[key] = _int(key, value, 1, 1 << 20)
-        elif key == "device":
-            kw[key] = _option(key, value, DEVICES)
-        elif key == "precision":
-            kw[key] = _option(key, value, PRECISIONS)
-        elif key in ("exclude_first_last", "full_curve", "reconstruct"):
-            if not isinstance(value, bool):
-                raise _fail(key, "true or false", value)
-            kw[key] = value
-        elif key in ("bn_recalibration", "cudnn_benchmark"):
-            kw[key] = _bool_or_none(key, value)
-        elif key == "prune_include":
-            if value is None:
-                kw[key] = None
-            else:
-                kw[key] = _name_patterns(key, value)
-                if not kw[key]:
-                    raise _fail(key, "null or a non-empty list of glob patterns", value,
-                                "An empty list would leave nothing to prune; use null for the default weights.")
-        elif key == "prune_exclude":
-            kw[key] = () if value is None else _name_patterns(key, value)
-        elif key == "mu_steps":
-            kw[key] = _int(key, value, 2, 100_000)
-        elif key == "mu_lr":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10:
-                raise _fail(key, "a number in (0, 10)", value)
-            kw[key] = float(value)
-        elif key == "obd_samples":
-            kw[key] = _int(key, value, 1, 1_000_000)
-        elif key == "output":
-            if value is None:
-                kw[key] = None
-            elif isinstance(value, int) and not isinstance(value, bool):
-                kw[key] = _int(key, value, -64, 63)
-            elif isinstance(value, str) and 0 < len(value) <= 200 and value.isprintable():
-                kw[key] = value
-            else:
-                raise _fail(key, "null, an index into a tuple/list output (an integer), or the key of a dict "
-                            "output (a string, e.g. 'logits')", value)
-        elif key == "pattern":
-            kw[key] = None if value is None else _option(key, value, PATTERNS)
-        elif key == "finetune":
-            kw[key] = _finetune(value)
-        elif key == "bn_statistics":
-            kw[key] = _option(key, value, BN_STATISTICS)
+    # In the user's order, so the first bad field they wrote is the one reported.
+    kw = {key: PARAMETERS[key].constraint.validate(key, value) for key, value in raw.items()}
+    # The one cross-field rule: with a pattern the levels are layers, not sparsities.
     if kw.get("pattern") is not None and kw.get("sparsities", default_sparsities()) != default_sparsities():
-        raise _fail("sparsities", "left at its default when 'pattern' is set", list(kw["sparsities"]),
-                    f"With pattern {kw['pattern']!r} the levels are which layers are made {kw['pattern']}, "
-                    "not a list of sparsities; remove 'sparsities' or set 'pattern' to null.")
+        raise fail("sparsities", "left at its default when 'pattern' is set", list(kw["sparsities"]),
+                   f"With pattern {kw['pattern']!r} the levels are which layers are made {kw['pattern']}, "
+                   "not a list of sparsities; remove 'sparsities' or set 'pattern' to null.")
     return CertifyConfig(**kw)
 
 
-__all__ = ["CertifyConfig", "FinetuneConfig", "FINETUNE_LOSSES", "validate_config", "default_sparsities", "BN_STATISTICS", "CRITERIA", "RISKS", "BOUNDS",
-           "PROCEDURES", "PATTERNS"]
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Every config field with a flag, as one option group: ``certiprune certify`` and ``submit`` share it."""
+    add_options(parser, PARAMETERS, "certification parameters",
+                "Each is also a field of --config's JSON object; a flag given here overrides that field.")
+
+
+def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
+    """``base`` (the --config object) with the fields given as flags replaced; still to be validated.
+
+    A ``base`` that is not an object is returned as it is, for ``validate_config`` to refuse by name.
+    """
+    if base is not None and not isinstance(base, dict):
+        return base
+    return {**(base or {}), **values_from_args(args, PARAMETERS)}
+
+
+def config_only_help() -> str:
+    """Epilog lines for the fields that have no flag, so --config's users can find them."""
+    top = describe_table(PARAMETERS, [n for n, p in PARAMETERS.items() if p.flag is None])
+    sub = describe_table(FINETUNE_PARAMETERS, [n for n, p in FINETUNE_PARAMETERS.items()
+                                               if p.flag is None and n != "steps"], prefix="finetune.")
+    return "fields settable only in --config:\n" + top + "\n" + sub + "\n"
+
+
+__all__ = ["CertifyConfig", "FinetuneConfig", "FINETUNE_LOSSES", "validate_config", "default_sparsities",
+           "BN_STATISTICS", "CRITERIA", "RISKS", "BOUNDS", "PROCEDURES", "PATTERNS", "PARAMETERS",
+           "FINETUNE_PARAMETERS", "add_config_options", "config_from_args"]

@@ -174,27 +174,9 @@ def _build_config(args: argparse.Namespace) -> dict[str, Any]:
             raise ClientError(f"--config is not valid JSON: {exc}") from exc
         if not isinstance(config, dict):
             raise ClientError("--config must be a JSON object")
-    if args.criterion:
-        crit = [c.strip() for item in args.criterion for c in item.split(",") if c.strip()]
-        config["criterion"] = crit[0] if len(crit) == 1 else crit
-    for key in ("epsilon", "delta", "risk", "scope", "bound", "procedure", "seed", "device", "tune_fraction",
-                "batch_size"):
-        value = getattr(args, key, None)
-        if value is not None:
-            config[key] = value
-    if args.sparsities:
-        config["sparsities"] = [float(s) for s in args.sparsities.split(",")]
-    if getattr(args, "reconstruct", False):
-        config["reconstruct"] = True
-    if getattr(args, "bn_statistics", None):
-        config["bn_statistics"] = args.bn_statistics
-    from calibration.cli_certify import finetune_from_args  # torch-free: config and errors only
+    from calibration.config import config_from_args  # torch-free: the parameter table
 
-    finetune = finetune_from_args(getattr(args, "finetune", None), getattr(args, "finetune_lr", None),
-                                  getattr(args, "finetune_loss", None))
-    if finetune is not None:
-        config["finetune"] = finetune
-    return config
+    return config_from_args(args, config)
 
 
 def _wait(client: Any, job_id: str, quiet: bool) -> dict[str, Any]:
@@ -451,8 +433,8 @@ the jobs it was running go back to the queue for another worker.
   CERTIPRUNE_SERVER=https://prune.example.com CERTIPRUNE_API_KEY=… certiprune submit model.pt --data cal.npz
 
 Without --wait or --out it prints the job id and returns; follow the job with `certiprune jobs`
-or in a browser at the server's address. --epsilon, --delta, --risk, --scope, --bound, --procedure,
---seed, --tune-fraction, --batch-size and --device mean what `certiprune certify --help` says.
+or in a browser at the server's address. The certification parameters are those of `certiprune certify`;
+the server validates them.
 """,
     "jobs": """examples:
   certiprune jobs                             # the newest 20
@@ -485,6 +467,8 @@ artifact first. Queued or running jobs must be cancelled first. A ds_ id: remove
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calibration.config import add_config_options, config_only_help  # torch-free: the parameter table
+
     parser = argparse.ArgumentParser(prog="certiprune",
                                      description="Prune PyTorch models with a statistical guarantee.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -533,29 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="instead of --data: a ds_ id (or a URI the server allows)")
     p.add_argument("--uncertainty", help="safetensors training statistics for criterion mu")
     p.add_argument("--config", help="JSON object of parameters, or @file.json")
-    p.add_argument("--criterion", nargs="+", help="one or more of magnitude, mu, obd, random")
-    p.add_argument("--epsilon", type=float)
-    p.add_argument("--delta", type=float)
-    p.add_argument("--risk")
-    p.add_argument("--scope")
-    p.add_argument("--bound")
-    p.add_argument("--procedure")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--tune-fraction", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device")
-    p.add_argument("--sparsities", help="comma-separated grid, e.g. 0.1,0.2,0.3")
-    p.add_argument("--reconstruct", action="store_true", help="re-fit each layer's kept weights on D_tune")
-    p.add_argument("--finetune", nargs="?", const=-1, type=int, metavar="STEPS",
-                   help="fine-tune each level's kept weights on D_tune, mask fixed (optionally the number of steps)")
-    p.add_argument("--finetune-lr", type=float, metavar="LR", help="relative fine-tuning rate (default 0.02)")
-    p.add_argument("--finetune-loss", choices=("auto", "labels", "distill"))
-    p.add_argument("--bn-statistics", choices=("choose", "reestimate"))
     p.add_argument("--wait", action="store_true", help="poll until the job ends, with a progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", help="write the pruned model here (implies --wait); its checksum is verified")
     p.add_argument("--report", help="write the result JSON here")
     _add_client_args(p)
+    add_config_options(p)  # the same options as `certiprune certify`, from calibration.config's table
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list jobs on a server, newest first")
@@ -582,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for name, subparser in sub.choices.items():
         if name in EPILOGS:
-            subparser.epilog = EPILOGS[name]
+            subparser.epilog = EPILOGS[name] + ("\n" + config_only_help() if name == "submit" else "")
             subparser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
