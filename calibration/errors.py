@@ -10,8 +10,7 @@ from __future__ import annotations
 class CalibrationError(ValueError):
     """Base class. ``code`` is the machine-readable reason, the message is for people."""
 
-    code: str = "calibration_error"
-    http_status: int = 422
+    code: str = "calibration_error"  # the service maps it to an HTTP status (service/intake.py)
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

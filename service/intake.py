@@ -40,8 +40,13 @@ class DataSummary:
     labels_ndim: int | None = None  # 1: class labels (N,), 2: per-position labels (N, T); None: not known here
 
 
+#: HTTP status of a ``calibration`` error by its code (the science knows no HTTP): every bad input the
+#: science refuses is 422 Unprocessable Content unless listed here (none is, today).
+HTTP_STATUS_BY_CODE: dict[str, int] = {}
+
+
 def calibration_error(exc: CalibrationError) -> ApiError:
-    return ApiError(getattr(exc, "http_status", 422) or 422, exc.code, str(exc))
+    return ApiError(HTTP_STATUS_BY_CODE.get(exc.code, 422), exc.code, str(exc))
 
 
 def parse_config(raw: str | None) -> CertifyConfig:
