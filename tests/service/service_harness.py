@@ -204,3 +204,25 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+def token_classifier(vocab: int) -> Any:
+    """A two-input token model (``input_ids``, ``attention_mask``) with a dict output: the embedding is not
+    a candidate, ``fc`` and ``head`` are; mean-pooled over the unmasked positions. Random weights."""
+    import torch
+    from torch import nn
+
+    class TokenClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 16)
+            self.fc = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = torch.relu(self.fc(self.emb(input_ids)))
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return {"logits": self.head(pooled), "pooled": pooled}
+
+    return TokenClassifier().eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_harness import Server, assert_error, submit, wait_terminal
+from service_harness import Server, assert_error, submit, token_classifier, wait_terminal
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,24 +39,10 @@ def _export(model, example: tuple, path: Path) -> Path:
 
 def _token_model(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     import torch
-    from torch import nn
-
-    class TokenClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(VOCAB, 16)
-            self.fc = nn.Linear(16, 16)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            h = torch.relu(self.fc(self.emb(input_ids)))
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-            return {"logits": self.head(pooled), "pooled": pooled}
 
     torch.manual_seed(0)
     example = (torch.randint(0, VOCAB, (2, T)), torch.ones(2, T, dtype=torch.int64))
-    path = _export(TokenClassifier(), example, tmp_path / "tok.pt2")
+    path = _export(token_classifier(VOCAB), example, tmp_path / "tok.pt2")
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (N, T)).astype(np.int64)
     mask = (np.arange(T)[None, :] < rng.integers(3, T + 1, N)[:, None]).astype(np.int64)

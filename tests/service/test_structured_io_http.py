@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from service_harness import Server, submit, wait_terminal
+from service_harness import Server, submit, token_classifier, wait_terminal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,24 +22,10 @@ def client(worker_server: Server) -> httpx.Client:
 
 def _token_model(path: Path) -> None:
     import torch
-    from torch import nn
-
-    class TokenClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(VOCAB, 16)
-            self.fc = nn.Linear(16, 16)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            h = torch.relu(self.fc(self.emb(input_ids)))
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-            return {"logits": self.head(pooled), "pooled": pooled}
 
     torch.manual_seed(0)
     example = (torch.zeros(2, T, dtype=torch.long), torch.ones(2, T, dtype=torch.long))
-    torch.jit.save(torch.jit.trace(TokenClassifier().eval(), example, strict=False), str(path))
+    torch.jit.save(torch.jit.trace(token_classifier(VOCAB), example, strict=False), str(path))
 
 
 def test_token_model_with_two_inputs_and_a_dict_output(client: httpx.Client, tmp_path: Path) -> None:
