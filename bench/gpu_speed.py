@@ -60,12 +60,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _models import SPECS, build, calibrate, prunable_modules, torchvision_available  # noqa: E402
 
 from calibration import certify  # noqa: E402
+from calibration.candidates import CandidateBuilder  # noqa: E402
 from calibration.data import CalibrationSet  # noqa: E402
 from calibration.engine import evaluation_precision  # noqa: E402
 from calibration.fast_eval import Predictor  # noqa: E402
-from calibration.masks import NestedMasks, apply_masks  # noqa: E402
+from calibration.levels import Candidates, LevelData, LevelTest, evaluate_level  # noqa: E402
+from calibration.masks import NestedMasks  # noqa: E402
 from calibration.model import find_prunable, load_model, quiet_torchscript_warnings  # noqa: E402
-from calibration.p_values import p_value  # noqa: E402
+from calibration.p_values import p_value, resolve_bound  # noqa: E402
 from calibration.risks import per_sample_losses  # noqa: E402
 
 GiB = 1024**3
@@ -283,17 +285,24 @@ def peer_time(times: dict[int, float], n_levels_evaluated: int, n_grid: int) -> 
 @torch.no_grad()
 def ours_predictions(model_path: Path, x_dev: torch.Tensor, grid: list[float], idx: list[int], batch: int,
                      dev: torch.device, precision: str) -> dict[int, torch.Tensor]:
-    """Our engine's building blocks (masks from one sort, in place; Predictor) at grid indices ``idx``."""
+    """Our engine's own one-level step (``calibration.levels.evaluate_level``: masks from one sort applied in
+    place by the ``CandidateBuilder``, the ``Predictor``) at grid indices ``idx``; untimed, for the equality check.
+    Plain candidates (no reconstruction, BN statistics or fine-tuning), tested for disagreement with the dense
+    model, whose predictions are made once first."""
     module = load_model(model_path, dev)
     params = [w.param for w in find_prunable(module)]
-    originals = [p.detach().clone() for p in params]
     masks = NestedMasks.from_scores([p.detach().abs().float() for p in params], "global")
     out = {}
     with evaluation_precision(precision, dev), Predictor(module, batch, device=dev, precision=precision) as pred:
         x = pred.resident(x_dev)
+        candidates = Candidates(masks, CandidateBuilder(module, params), pred)
+        data = LevelData(x, dense=pred.predict(x).cpu().numpy())
+        test = LevelTest(risk="disagreement", bound=resolve_bound("auto", "disagreement"), epsilon=0.05, alpha=0.1)
         for j in idx:
-            apply_masks(params, originals, masks.keep_masks(grid[j]))
-            out[j] = pred.predict(x).cpu()
+            level = evaluate_level(candidates, j, grid[j], data, test)
+            out[j] = torch.from_numpy(level.predictions)
+            log(f"    ours {precision} λ={grid[j]:.2f}: disagreement with dense {level.empirical_risk:.4f}, "
+                f"upper bound {level.upper_bound:.4f}")
     return out
 
 

@@ -19,6 +19,15 @@ Model: torchvision ResNet-50 (random weights, BatchNorm statistics from the data
         --old-tree OLD --out DIR        # OLD: e.g. mkdir OLD && git archive <rev> calibration service | tar -x -C OLD
     python bench/job_cost.py --device cpu --arch tiny --size 32 --n 400 --variants new_fp32,naive_fp32
                                         # a torchvision-free smoke test on a CPU (about a minute)
+    python bench/job_cost.py --device cpu --arch digits --variants old_fp32,new_fp32,old_fp32,new_fp32 \
+        --old-tree OLD                  # scripts/demo.sh's job (digits MLP, ε = 0.02, δ = 0.1), A/B on a CPU
+
+``--tree DIR`` runs the new_* variants from another checkout (e.g. one change applied alone). Timings of this
+tree beyond the engine's: the child imports (``imports_s``), starts CUDA and loads cuBLAS/cuDNN (``cuda_init_s``,
+``cuda_libs_s``) *before* it reads its request, then waits for it (``request_wait_s``) while the supervisor
+stages and hashes the inputs (``staging_s``, overlapped); the worker's own start and setup (``worker_start_s``,
+``worker_setup_s``, ``child_spawn_s``), the child's exit after the artifact (``child_exit_s``), checking and
+storing the artifact (``artifact_check_s``, ``artifact_store_s``).
 
 On the H200 (bench/NOTES_gpu.md) the wheels the device lacks (fastapi 0.165 needs opentelemetry-api too)
 were carried in the ignored folder .gpu/wheels and installed with pip --target; the sandbox's bwrap came
@@ -53,9 +62,31 @@ def _now() -> float:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+def make_digits_inputs(folder: Path) -> dict[str, Any]:
+    """``scripts/demo.sh``'s inputs: the digits MLP (trained here, seconds) and its 1,197 held-out images."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_digits_example import digits_split, train_mlp
+
+    x_train, y_train, x_pool, y_pool = digits_split()
+    torch.jit.script(train_mlp(x_train, y_train)).save(str(folder / "model.pt"))
+    np.savez(folder / "data.npz", x=x_pool, y=y_pool)
+    return {"data_bytes": (folder / "data.npz").stat().st_size, "model_bytes": (folder / "model.pt").stat().st_size,
+            "n": len(y_pool)}
+
+
+#: ``scripts/demo.sh``'s job (``certiprune submit --epsilon 0.02 --delta 0.1``: the default grid).
+DIGITS_CONFIG: dict[str, Any] = {"device": "cpu", "epsilon": 0.02, "delta": 0.1}
+
+
 def make_inputs(folder: Path, size: int, n: int, device: str, arch: str = "resnet50") -> dict[str, Any]:
     import numpy as np
     import torch
+
+    if arch == "digits":
+        return make_digits_inputs(folder)
 
     sys.path.insert(0, str(ROOT / "bench"))
     from _models import build, calibrate
@@ -244,10 +275,16 @@ class Server:
             elif line.rstrip().endswith("succeeded"):
                 marks["done"] = when
         out: dict[str, Any] = {"sandboxed": bool(marks.get("sandboxed"))}
+        ours = sum(float(t.get(k) or 0) for k in child_path(t))
+        if "worker_setup_s" in t:  # this tree: the worker's own timings up to the child's spawn (then all overlaps)
+            out["worker_staging_s"] = sum(float(t.get(k) or 0) for k in ("worker_start_s", "worker_setup_s",
+                                                                          "child_spawn_s"))
+            if "spawn" in marks and "done" in marks:
+                out["after_child_s"] = marks["done"] - marks["spawn"] - out["worker_staging_s"] - ours
+            return out
         if "spawn" in marks and "child" in marks:
             out["worker_staging_s"] = marks["child"] - marks["spawn"]
         if "child" in marks and "done" in marks:
-            ours = sum(float(t.get(k) or 0) for k in ("child_start_s", "imports_s", "total_s"))
             out["after_child_s"] = marks["done"] - marks["child"] - ours
         return out
 
@@ -261,6 +298,19 @@ class Server:
         self.log.close()
 
 
+def child_path(t: dict[str, Any]) -> tuple[str, ...]:
+    """The child's stages in series from its spawn to its result. This tree: the child imports (and starts
+    CUDA) before it reads its request, then waits for it while the supervisor stages (``request_wait_s``):
+    staging is hidden behind the imports. The old tree: spawned after staging; CUDA's start in ``total_s``."""
+    if "request_wait_s" in t:
+        # cuda_init_s is the child's (before the request) when it also loaded the libraries or the engine's own
+        # start was renamed engine_cuda_init_s; else it is the engine's, inside total_s
+        before = "cuda_libs_s" in t or "engine_cuda_init_s" in t
+        return ("child_start_s", "imports_s", *(("cuda_init_s", "cuda_libs_s") if before else ()), "request_wait_s",
+                "total_s")
+    return ("child_start_s", "imports_s", "total_s")
+
+
 def breakdown(t: dict[str, Any]) -> dict[str, float]:
     """Fixed cost = end to end − (dense pass − its warm-up/capture) − (levels − their warm-ups)."""
     g = lambda k: float(t.get(k) or 0.0)  # noqa: E731
@@ -269,16 +319,24 @@ def breakdown(t: dict[str, Any]) -> dict[str, float]:
     fixed = g("e2e_s") - dense_net - levels_net - g("levels_s")
     if "levels_s" in t:  # the naive peer: no stages of ours
         return {"fixed_s": fixed}
-    known = sum(g(k) for k in ("post_s", "queue_claim_s", "worker_staging_s", "child_start_s", "imports_s",
-                                "total_s", "after_child_s", "poll_lag_s"))
+    known = sum(g(k) for k in ("post_s", "queue_claim_s", "worker_staging_s", *child_path(t), "after_child_s",
+                                "poll_lag_s"))
     return {"dense_net_s": dense_net, "levels_net_s": levels_net, "fixed_s": fixed, "other_s": g("e2e_s") - known}
 
 
+#: Printed columns. ``worker``: worker process start → the child launched (this tree: the worker's own
+#: worker_start_s + worker_setup_s + child_spawn_s; old tree: from the server log, with staging + hashing);
+#: ``stage``: staging + hashing in the supervisor (this tree: overlapped with the child's imports, not in series);
+#: ``wait``: the child waiting for its request after its imports; ``cudalib``: cuBLAS/cuDNN loaded before the
+#: request; ``after``: the child's result → ``succeeded`` (``exit``: the child's exit after the artifact,
+#: ``store``: storing it); ``other``: what no stage claims.
 COLUMNS = {"e2e_s": "e2e", "fixed_s": "fixed", "post_s": "post", "queue_claim_s": "claim",
-           "worker_staging_s": "worker", "child_start_s": "spawn", "imports_s": "imports", "cuda_init_s": "cuda",
+           "worker_staging_s": "worker", "staging_s": "stage", "child_start_s": "spawn", "imports_s": "imports",
+           "cuda_init_s": "cuda", "cuda_libs_s": "cudalib", "request_wait_s": "wait",
            "model_load_s": "model", "load_s": "load", "layout_s": "layout", "dense_s": "dense",
            "dense_setup_s": "d.setup", "scoring_s": "score", "testing_s": "levels", "testing_setup_s": "l.setup",
-           "levels_s": "naive.lvls", "save_s": "save", "after_child_s": "after", "other_s": "other"}
+           "levels_s": "naive.lvls", "save_s": "save", "after_child_s": "after", "child_exit_s": "exit",
+           "artifact_store_s": "store", "other_s": "other"}
 
 
 def main() -> int:
@@ -287,11 +345,14 @@ def main() -> int:
     p.add_argument("--inputs", help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--arch", default="resnet50", choices=["resnet50", "tiny"], help="tiny: a CPU smoke test")
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "tiny", "digits"],
+                   help="tiny: a CPU smoke test; digits: scripts/demo.sh's job (its own data and config; "
+                        "--size/--n ignored)")
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--variants", default="new_fp32,old_fp32,new_bf16,old_bf16,naive_fp32,naive_bf16")
     p.add_argument("--old-tree", help="a checkout of the code before the change, for old_* variants")
+    p.add_argument("--tree", help="the code the new_* variants run (default: this checkout), e.g. one change alone")
     p.add_argument("--sandbox", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--out", default="/tmp/job_cost")
     args = p.parse_args()
@@ -306,7 +367,9 @@ def main() -> int:
     inputs.mkdir(parents=True)
     t = time.perf_counter()
     meta = make_inputs(inputs, args.size, args.n, args.device, args.arch)
-    meta.update(size=args.size, n=args.n, levels=len(GRID), make_inputs_s=round(time.perf_counter() - t, 2))
+    if args.arch != "digits":
+        meta.update(size=args.size, n=args.n, levels=len(GRID))
+    meta.update(arch=args.arch, make_inputs_s=round(time.perf_counter() - t, 2))
     print("inputs:", json.dumps(meta), flush=True)
     rows: list[dict[str, Any]] = []
     servers: dict[str, Server] = {}
@@ -315,14 +378,17 @@ def main() -> int:
         for variant in args.variants.split(","):
             kind, prec, *mode = variant.split("_")
             t0 = time.perf_counter()
-            if kind == "naive":
+            if kind == "naive" and args.arch == "digits":
+                row = {"error": "no naive peer for the digits job (its model is not rebuilt from a state dict)"}
+            elif kind == "naive":
                 row = run_naive(inputs, prec, args.device, args.arch)
             else:
                 if kind not in servers:
-                    tree = ROOT if kind == "new" else Path(args.old_tree or "")
+                    tree = Path(args.tree or ROOT) if kind == "new" else Path(args.old_tree or "")
                     servers[kind] = Server(tree, work / f"data-{kind}", out / f"server-{kind}.log", args.sandbox)
-                config: dict[str, Any] = {"device": args.device, "precision": prec, "sparsities": GRID,
-                                          "full_curve": True, "epsilon": 0.05, "batch_size": 500}
+                config: dict[str, Any] = ({**DIGITS_CONFIG, "precision": prec} if args.arch == "digits" else
+                                          {"device": args.device, "precision": prec, "sparsities": GRID,
+                                           "full_curve": True, "epsilon": 0.05, "batch_size": 500})
                 if mode and kind == "new":
                     config["cudnn_benchmark"] = mode[0] == "on"
                 row = servers[kind].job(inputs, config)
@@ -334,7 +400,8 @@ def main() -> int:
     finally:
         for s in servers.values():
             s.close()
-    print(f"\n{args.arch} {args.size}×{args.size}, n = {args.n}, {len(GRID)} levels, full curve, device {args.device}")
+    print(f"\ndigits MLP, n = {meta['n']}, demo.sh's job ({json.dumps(DIGITS_CONFIG)})" if args.arch == "digits" else
+          f"\n{args.arch} {args.size}×{args.size}, n = {args.n}, {len(GRID)} levels, full curve, device {args.device}")
     print("variant".ljust(16) + "".join(h.rjust(8) for h in COLUMNS.values()))
     for row in rows:
         print(row["variant"].ljust(16) + "".join(

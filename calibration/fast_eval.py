@@ -32,7 +32,10 @@ Levers, all on CUDA only (on the CPU, :class:`Predictor` is exactly the engine's
 - Memory layout: NCHW or channels_last (NHWC), chosen once by timing both (like cuDNN's own
   benchmark): on an H200, NHWC was 2.3× faster for ResNet-18 at 32×32 in fp32 and 1.5× for
   ResNet-50 in bf16, but 11 % slower for ResNet-50 in fp32. The choice is made before the dense
-  pass and kept for every level, so all passes use the same kernels.
+  pass and kept for every level, so all passes use the same kernels. The trial itself costs about
+  ``LAYOUT_TRIAL_COST_BATCHES`` batch forwards, so a job too small to amortise it
+  (:func:`layout_trial_rule`, from the job's expected batch forwards) takes the precision's usual
+  winner instead (:func:`default_channels_last`: NHWC for bf16/fp16, NCHW for fp32/tf32).
 
 What shapes the evaluation never depends on D_cal's values (SPEC §1: D_cal only computes
 p-values). The resident dtype is decided from D_tune (:meth:`Predictor.decide_resident`; with no
@@ -84,6 +87,35 @@ def cudnn_benchmark_rule(requested: bool | None, expected_batches: int, precisio
         return bool(requested)
     gain = AUTOTUNE_GAIN.get(precision, 0.0)
     return gain > 0 and expected_batches * gain > AUTOTUNE_COST_BATCHES
+
+
+# The layout trial (NCHW vs channels-last): 2 × (LAYOUT_WARMUP + 1 timed) full-batch forwards, plus the losing
+# layout's first-run costs (TorchScript re-profiling for the new strides, cuDNN heuristics, kernel loads), which the
+# winner pays in the dense pass anyway. Measured before this change (3 warm-ups + 2 timed each, 10 forwards):
+# 1.1 s for ResNet-50 fp32 at 112×112 on an H200, ≈ 20 forwards' worth; now 6 forwards + ≈ 6 of first-run costs.
+# What it buys over the default: fp32's usual winner (NCHW: ResNet-50 by 11 %) lost to NHWC by 2.3× for ResNet-18 at
+# 32×32, so a wrong default can cost half of every batch: expected regret 0.25 of the job's forwards in fp32/tf32; in
+# bf16/fp16 NHWC won every case measured (ResNet-50 1.5×): 0.1. On from ≈ 48 batch forwards in fp32, ≈ 120 in bf16.
+LAYOUT_WARMUP = 2  # the profiling executor profiles on the first run and optimises on the second
+LAYOUT_TRIAL_COST_BATCHES = 12.0
+LAYOUT_REGRET = {"fp32": 0.25, "tf32": 0.25, "bf16": 0.10, "fp16": 0.10}
+
+
+def default_channels_last(precision: str) -> bool:
+    """The layout that usually wins without a trial: NHWC for tensor-core math (bf16/fp16), NCHW for fp32/tf32."""
+    return precision in ("bf16", "fp16")
+
+
+def layout_trial_rule(expected_batches: int | None, precision: str = "fp32") -> bool:
+    """Whether timing both memory layouts can pay for itself in a job of ``expected_batches`` batch forwards.
+
+    On where the expected saving over :func:`default_channels_last`, ``expected_batches × regret(precision)``,
+    exceeds the trial's own cost of about ``LAYOUT_TRIAL_COST_BATCHES`` forwards. Unknown size (None): always.
+    Decided from counts fixed before D_cal is looked at (``engine.expected_batch_forwards``).
+    """
+    if expected_batches is None:
+        return True
+    return expected_batches * LAYOUT_REGRET.get(precision, 0.25) > LAYOUT_TRIAL_COST_BATCHES
 
 
 def _integer_valued(x: torch.Tensor, rows: int = 1024) -> bool:
@@ -148,6 +180,7 @@ class Predictor:
         warmup: int = 3,
         cudnn_benchmark: bool = False,
         output: int | str | None = None,
+        expected_batches: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -181,6 +214,7 @@ class Predictor:
         self._old_benchmark: bool | None = None
         self.cudnn_benchmark = bool(cudnn_benchmark) and self.is_cuda
         self.setup_s = 0.0  # host seconds in first-forward warm-ups and graph captures (synchronised)
+        self.expected_batches = expected_batches  # the job's size: whether the layout trial pays (layout_trial_rule)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -268,8 +302,21 @@ class Predictor:
         synthetic tensor of the batch's shape and resident dtype): never on D_cal."""
         if not self.is_cuda or self.channels_last is not None:
             return
+        if self._layout_by_default(example):
+            return
         self._time_layouts(example)
         self.layout_decided_from = source
+
+    def _layout_by_default(self, example: torch.Tensor) -> bool:
+        """Take the precision's usual layout without a trial when the job is too small to amortise one."""
+        precision = effective_precision(self.precision, self.device)
+        if layout_trial_rule(self.expected_batches, precision):
+            return False
+        self.channels_last = (default_channels_last(precision) and isinstance(example, torch.Tensor)
+                              and example.dim() == 4 and example.is_floating_point())
+        self.layout_decided_from = (f"default for {precision} (no trial: {self.expected_batches} batch forwards "
+                                    "do not amortise it)")
+        return True
 
     # ------------------------------------------------------------------ forward
 
@@ -376,6 +423,8 @@ class Predictor:
         if check is not None:
             check(xb, first)
         del first
+        if self._layout_by_default(xb):
+            return
         # Timed on a synthetic tensor of the batch's shape and dtype: the choice never reads the values.
         synthetic = torch.randn(xb.shape, device=xb.device).to(xb.dtype) if xb.is_floating_point() else xb
         self._time_layouts(synthetic)
@@ -388,9 +437,9 @@ class Predictor:
         times = {}
         for cl in (False, True):
             xf = xb.contiguous(memory_format=torch.channels_last) if cl else xb.contiguous()
-            for _ in range(self.warmup):
+            for _ in range(min(self.warmup, LAYOUT_WARMUP)):
                 self._forward(xf)
-            times[cl] = self._time_forward(xf)
+            times[cl] = self._time_forward(xf, runs=1)  # the layouts that matter differ by ≥ 10 %, runs by ~1 %
             del xf
         self.channels_last = times[True] < times[False]
         self.format_ms = {"rows": int(xb.shape[0]), "nchw": round(times[False], 3),
@@ -474,4 +523,5 @@ class Predictor:
     __call__ = predict
 
 
-__all__ = ["Predictor", "cudnn_benchmark_rule", "effective_precision", "resident_dtype_rule"]
+__all__ = ["LAYOUT_REGRET", "LAYOUT_TRIAL_COST_BATCHES", "Predictor", "cudnn_benchmark_rule", "default_channels_last",
+           "effective_precision", "layout_trial_rule", "resident_dtype_rule"]

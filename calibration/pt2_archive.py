@@ -44,7 +44,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import ModelError
 from .op_allowlist import allowlist, denial_reason

@@ -18,7 +18,10 @@ What the child sees (:func:`bwrap_argv`):
   owns nothing (:func:`outside_uid`); otherwise as the server's own uid, mapped to 65534 inside;
 - read-only: the system's ``/usr``, ``/lib*``, ``/bin``, the dynamic-linker cache, the Python
   installation and the installed ``calibration``/``service`` packages; read-only ``/in`` with the
-  job's verified input copies and nothing else of the data dir; a private ``/tmp`` and ``/out``
+  job's verified input copies and nothing else of the data dir: either the files one by one, or
+  (``SandboxView.inputs_dir``, what the supervisor uses) the run's private staging folder, bound
+  while it is still empty so the child can import while the supervisor stages; only this job's
+  files ever go into that folder, each under its name only once verified; a private ``/tmp`` and ``/out``
   (tmpfs, each capped at a size): the child writes nowhere on disk — the supervisor receives the
   artifact over a pipe and writes it itself;
 - a fresh ``/proc`` (its own PID namespace only) and a minimal ``/dev``; with CUDA, only the
@@ -63,6 +66,13 @@ class SandboxView:
     out_bytes: int
     gpu_devices: tuple[str, ...] = ()  # /dev/nvidiaN of the job's GPU, when it has one
     env: dict[str, str] = field(default_factory=dict)
+    #: A folder bound read-only as /in itself (instead of ``inputs``): the run's private staging folder, which
+    #: holds this job's files only and may still be filling when the child starts (service.supervisor).
+    inputs_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.inputs and self.inputs_dir is not None:
+            raise ValueError("bind the inputs one by one or their folder, not both")
 
 
 def python_paths() -> list[Path]:
@@ -115,9 +125,13 @@ def bwrap_argv(view: SandboxView, command: list[str]) -> list[str]:
     for node in view.gpu_devices + (NVIDIA_CONTROL_NODES if view.gpu_devices else ()):
         if os.path.exists(node):
             argv += ["--dev-bind", node, node]
-    argv += ["--size", str(view.out_bytes), "--tmpfs", "/out", "--dir", "/in"]
-    for name, path in view.inputs.items():
-        argv += ["--ro-bind", str(path), f"/in/{name}"]
+    argv += ["--size", str(view.out_bytes), "--tmpfs", "/out"]
+    if view.inputs_dir is not None:
+        argv += ["--ro-bind", str(view.inputs_dir), "/in"]
+    else:
+        argv += ["--dir", "/in"]
+        for name, path in view.inputs.items():
+            argv += ["--ro-bind", str(path), f"/in/{name}"]
     argv += ["--remount-ro", "/", "--chdir", "/out"]
     for key, value in view.env.items():
         argv += ["--setenv", key, value]
@@ -145,7 +159,7 @@ def outside_uid(view: SandboxView, uid: int = CHILD_UID) -> int | None:
     """
     if os.getuid() != 0:
         return None
-    paths = [*python_paths(), *view.inputs.values()]
+    paths = [*python_paths(), *view.inputs.values(), *([view.inputs_dir] if view.inputs_dir is not None else [])]
     if all(traversable_by(uid, p) for p in paths):
         return uid
     blocked = next(p for p in paths if not traversable_by(uid, p))

@@ -157,9 +157,14 @@ class Storage:
             raise
         return StoredFile(path=relpath, size=size, sha256=digest.hexdigest())
 
-    def put_file(self, local: str | os.PathLike, relpath: str) -> StoredFile:
-        """Move (local storage) or upload (remote) a finished local file into place, atomically."""
-        sha = sha256_file(local)
+    def put_file(self, local: str | os.PathLike, relpath: str, *, sha256: str | None = None) -> StoredFile:
+        """Move (local storage) or upload (remote) a finished local file into place, atomically.
+
+        ``sha256``: the file's hash, computed by the caller from exactly the bytes it wrote (the supervisor
+        hashes the artifact while receiving it into its private run folder); the file is then not read again
+        just to hash it. Without it, the file is hashed here.
+        """
+        sha = sha256 if sha256 is not None else sha256_file(local)
         size = os.path.getsize(local)
         target = self.full(relpath)
         parent = target.rsplit("/", 1)[0]

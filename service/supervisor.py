@@ -3,15 +3,22 @@
 The supervisor runs in the executor's process for the job (a spawned process locally, the Ray
 task's child on a cluster). For one run it
 
-1. links (or copies) the job's inputs into a private staging folder, hashes them there, and refuses
-   to go on when a hash differs from the one recorded at admission (``input_integrity_error``) — so a file
-   changed in storage after admission is never used;
-2. starts the child (``service.child``) in the OS sandbox (``service.isolation``; or, with the
-   sandbox off, as a plain process with an empty environment), with the rlimits of
-   ``service.sandbox``, its stdout/stderr going to the job's own size-capped log;
+1. starts the child (``service.child``) first, in the OS sandbox (``service.isolation``; or, with
+   the sandbox off, as a plain process with an empty environment), with the rlimits of
+   ``service.sandbox``, its stdout/stderr going to the job's own size-capped log. The sandbox's
+   read-only ``/in`` is this run's private staging folder, still empty: while the child imports
+   torch and the science (and starts CUDA) — seconds — the supervisor fills that folder;
+2. links (or copies) the job's inputs into the staging folder under a temporary name, hashes them
+   there, and only then renames each to its final name; a hash that differs from the one recorded
+   at admission ends the run (``input_integrity_error``) — so a file changed in storage after
+   admission is never used. The child's request (stdin) is written only after *every* input is
+   staged and verified: the child reads nothing of /in before it has the request, so it can never
+   use a partial or unverified input. A run refused before the request gets EOF instead, and the
+   child exits without having been told of any input;
 3. reads the child's events (each line bounded in size, parsed as JSON, validated) and forwards
    progress; polls for a cancel and kills the child at once when one comes;
-4. receives the artifact over a pipe, capped at the file-size limit, and hashes it itself.
+4. receives the artifact over a pipe, capped at the file-size limit, and hashes it itself, once:
+   that hash is what is stored and reported (``Storage.put_file(..., sha256=)`` does not re-read it).
 
 Nothing the child says is trusted beyond its own job: codes must look like codes, messages are
 cut and stripped of control characters, the result must have the result's shape.
@@ -42,10 +49,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import isolation, sandbox
-from .store import CANCELLED, FAILED, SUCCEEDED, Claim, JobStore
+
+if TYPE_CHECKING:  # SQLAlchemy: the worker imports it only once the child is started
+    from .store import Claim, JobStore
+
+#: Final run states, spelt as ``service.store`` spells them (tests/service/test_child_overlap.py checks).
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 
 log = logging.getLogger("certiprune.supervisor")
 
@@ -108,33 +120,43 @@ def check_result(result: Any) -> dict[str, Any]:
     return result
 
 
+STAGING_PREFIX = ".staging-"
+
+
 def stage_inputs(inputs: list[Input], folder: Path) -> dict[str, Path]:
     """Put each input into ``folder`` (readable by the sandbox's uid) and check the sha256 of what is there.
 
     A hard link when the file lies on the same file system and is world-readable (no copy of a
-    multi-GB dataset, no disk space), else a copy. Only trusted processes write to storage, so the
-    linked file cannot change between this check and the child's read. Raises IntegrityError naming
-    the file whose content no longer matches what was admitted.
+    multi-GB dataset, no disk space), else a copy, first under a temporary name: only a verified
+    file gets its final name, so ``folder`` (the child's /in, which may already be mounted) never
+    shows a partial or unverified input under an input's name. Only trusted processes write to
+    storage, so the linked file cannot change between this check and the child's read. Raises
+    IntegrityError naming the file whose content no longer matches what was admitted (its staged
+    copy is removed).
     """
     folder.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(folder, 0o711)
     staged: dict[str, Path] = {}
     for item in inputs:
         target = folder / item.name
-        target.unlink(missing_ok=True)
+        pending = folder / f"{STAGING_PREFIX}{item.name}"
+        for path in (target, pending):
+            path.unlink(missing_ok=True)
         try:
             if not os.stat(item.source).st_mode & 0o004:
                 raise OSError("not world-readable: copy it")
-            os.link(item.source, target)
+            os.link(item.source, pending)
         except OSError:
-            shutil.copyfile(item.source, target)
-            os.chmod(target, 0o444)
+            shutil.copyfile(item.source, pending)
+            os.chmod(pending, 0o444)
         digest = hashlib.sha256()
-        with open(target, "rb") as fh:
+        with open(pending, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
         if digest.hexdigest() != item.sha256:
+            pending.unlink(missing_ok=True)
             raise IntegrityError(item.name, item.sha256, digest.hexdigest())
+        os.replace(pending, target)
         staged[item.name] = target
     return staged
 
@@ -159,18 +181,20 @@ def _signal_of(returncode: int | None, sandboxed: bool) -> int | None:
 class _CappedCopy(threading.Thread):
     """Copy a pipe into a file, keeping at most ``limit`` bytes; ``over`` once the child sent more."""
 
-    def __init__(self, fd: int, path: Path, limit: int, *, drain: bool) -> None:
+    def __init__(self, fd: int, path: Path, limit: int, *, drain: bool, digest: bool = False) -> None:
         super().__init__(daemon=True)
         self.fd, self.path, self.limit, self.drain = fd, path, limit, drain
         self.size = 0
         self.over = False
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if digest else None  # of exactly the bytes written to ``path``
         self.error: OSError | None = None
+        self.done_at: float | None = None  # perf_counter at the pipe's EOF
+        self._out = open(path, "wb")  # opened here, not in the thread: the file exists (and may be renamed) at once
 
     def run(self) -> None:
         try:
-            with os.fdopen(self.fd, "rb", closefd=True) as src, open(self.path, "wb") as out:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
+            with os.fdopen(self.fd, "rb", closefd=True) as src, self._out as out:
+                for chunk in iter(lambda: src.read1(1 << 20), b""):  # what has arrived, not a full 1 MiB
                     room = self.limit - self.size
                     if len(chunk) > room:
                         self.over = True
@@ -180,8 +204,12 @@ class _CappedCopy(threading.Thread):
                             self.size += len(chunk)
                             return
                     out.write(chunk)
-                    self.digest.update(chunk)
+                    if self.digest is not None:
+                        self.digest.update(chunk)
+                    elif self.drain:
+                        out.flush()  # the job's log, readable while the child runs
                     self.size += len(chunk)
+            self.done_at = time.perf_counter()
         except OSError as exc:
             self.error = exc
 
@@ -270,81 +298,218 @@ def _child_env(spec: ChildSpec, tmp: str) -> dict[str, str]:
     return env
 
 
+#: How long a child refused before its request (inputs that failed verification, no room for the artifact)
+#: may take to see EOF and exit by itself (it reads stdin only once its imports are done) before it is killed.
+REFUSED_EXIT_GRACE_S = 20.0
+
+
+class ChildRun:
+    """One child, started before its inputs are staged; it gets its request only once they are all verified.
+
+    ``start()`` spawns the child with /in bound read-only to this run's staging folder (empty so far;
+    only this job's files ever go there). The child imports torch and ``calibration.engine`` and starts
+    CUDA, then blocks reading stdin. Meanwhile :meth:`stage` links/copies and hashes the inputs
+    (:func:`stage_inputs`: a file appears under its name only once verified). :meth:`supervise` writes
+    the request — only after :meth:`stage` returned — and judges the run. Used as a context manager,
+    a run left before :meth:`supervise` (an IntegrityError, a refusal) closes stdin without a request:
+    the child, told of no input, exits (or is killed after ``REFUSED_EXIT_GRACE_S``).
+    """
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.timings: dict[str, float] = {}
+        self.staged: dict[str, Path] | None = None
+        self.request_sent = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._t0 = time.perf_counter()
+        self._folder = spec.work / "in"
+        self._closed = False
+        self._config = spec.config
+
+    def __enter__(self) -> ChildRun:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the child however far the run got: no request yet → :meth:`abandon`; still running → killed."""
+        if self.proc is None or self._closed:
+            return
+        if not self.request_sent:
+            self.abandon()
+            return
+        if self.proc.poll() is None:  # supervise() raised: leave nothing running
+            _kill(self.proc)
+            self.proc.wait()
+        self._closed = True
+
+    def restart(self, spec: ChildSpec) -> None:
+        """Replace a child that has no request yet by one started from ``spec`` (other limits, say)."""
+        if self.request_sent:
+            raise RuntimeError("restart() after the request was sent")
+        self.abandon(grace_s=0)
+        self.__init__(spec)  # type: ignore[misc]
+        self.start()
+
+    def start(self) -> None:
+        """Spawn the child (sandboxed unless ``spec.isolate`` is off) with an empty, private /in."""
+        spec = self.spec
+        self._folder.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(self._folder, 0o711)
+        self._file_limit = spec.limits.file_bytes or (1 << 62)
+        self.artifact = spec.work / "artifact.pt"
+        python = child_command()
+        events_r, events_w = os.pipe()
+        artifact_r, artifact_w = os.pipe()
+        log_r, log_w = os.pipe()
+        if spec.isolate:
+            view = isolation.SandboxView(inputs={}, inputs_dir=self._folder, tmp_bytes=spec.tmp_bytes,
+                                         out_bytes=self._file_limit,
+                                         gpu_devices=isolation.gpu_device_nodes(spec.cuda_visible),
+                                         env=_child_env(spec, "/tmp"))
+            argv = isolation.bwrap_argv(view, python)
+            env: dict[str, str] = {}
+            self._in_dir, self._out_dir = "/in", "/out"
+            uid = isolation.outside_uid(view)
+        else:
+            tmp = spec.work / "tmp"
+            out = spec.work / "out"
+            for folder in (tmp, out):
+                folder.mkdir(exist_ok=True)
+            argv, env = python, _child_env(spec, str(tmp))
+            self._in_dir, self._out_dir, uid = str(self._folder), str(out), None
+        self._events_fd, self._artifact_fd = events_w, artifact_w
+
+        def preexec() -> None:
+            isolation.drop_to(uid)
+            _die_with_supervisor()  # after the uid change, which clears it
+            sandbox.apply(spec.limits)
+
+        self._spawned_at = time.time()
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_w, stderr=log_w, env=env,
+                                         pass_fds=(events_w, artifact_w), preexec_fn=preexec, start_new_session=True,
+                                         cwd=self._out_dir if not spec.isolate else "/")
+        except BaseException:
+            for fd in (events_r, artifact_r, log_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (events_w, artifact_w, log_w):
+                os.close(fd)
+        self.timings["child_spawn_s"] = time.perf_counter() - self._t0
+        # The log starts in the run's own folder: a run that turns out not to hold its job must not overwrite the
+        # job's log; keep_log() moves it to spec.log_path once the run is known to be the job's (same file system).
+        self._run_log = spec.work / "child.log"
+        self._log_copy = _CappedCopy(log_r, self._run_log, spec.max_log_bytes, drain=True)
+        self._receiver = _CappedCopy(artifact_r, self.artifact, self._file_limit, drain=False, digest=True)
+        self._events = _Events(events_r, lambda *a: None)
+        for thread in (self._log_copy, self._receiver, self._events):
+            thread.start()
+
+    def keep_log(self) -> None:
+        """This run holds its job: its child's log becomes the job's log (``spec.log_path``), still being written."""
+        os.replace(self._run_log, self.spec.log_path)
+
+    def stage(self, inputs: list[Input]) -> dict[str, Path]:
+        """Stage and verify ``inputs`` while the child imports (raises IntegrityError; nothing is sent then)."""
+        t = time.perf_counter()
+        self.staged = stage_inputs(inputs, self._folder)
+        self.timings["staging_s"] = time.perf_counter() - t
+        return self.staged
+
+    def _request(self) -> dict[str, Any]:
+        assert self.staged is not None
+        names = list(self.staged)
+        return {"model": f"{self._in_dir}/model.pt",
+                "data": f"{self._in_dir}/{next(n for n in names if n.startswith('data'))}",
+                "uncertainty": f"{self._in_dir}/uncertainty.safetensors" if "uncertainty.safetensors" in names
+                else None,
+                "config": self._config, "limits": asdict(self.spec.limits), "out_dir": self._out_dir,
+                "events_fd": self._events_fd, "artifact_fd": self._artifact_fd, "spawned_at": self._spawned_at}
+
+    def supervise(self, *, on_progress: Callable[[str, int, int, str | None], None],
+                  should_stop: Callable[[], bool], config: dict[str, Any] | None = None) -> Outcome:
+        """Send the request (every input is staged and verified by now), then watch the child to its end.
+
+        ``config``: the job's configuration, when it was not known as the child started (else ``spec.config``).
+        """
+        if self.staged is None:
+            raise RuntimeError("supervise() before stage(): the child must never get a request for unverified inputs")
+        if config is not None:
+            self._config = config
+        proc, events, receiver = self.proc, self._events, self._receiver
+        assert proc is not None and proc.stdin is not None
+        events.on_progress = on_progress
+        self.request_sent = True
+        try:
+            proc.stdin.write((json.dumps(self._request()) + "\n").encode())
+            proc.stdin.close()
+        except OSError:
+            pass  # it died already; its exit status says why
+        cancelled = killed_for = None
+        while True:
+            try:
+                proc.wait(POLL_S)  # returns the moment the child exits
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if receiver.over:
+                killed_for = "artifact"
+            elif events.bad:
+                killed_for = "event"
+            elif should_stop():
+                cancelled = True
+            if cancelled or killed_for:
+                _kill(proc)
+                break
+        proc.wait()
+        exited = time.perf_counter()
+        for thread in (events, receiver, self._log_copy):
+            thread.join(10)
+        if receiver.done_at is not None:  # the artifact's EOF → the child's exit: its teardown, as the job waits
+            self.timings["child_exit_s"] = max(0.0, exited - receiver.done_at)
+        self.timings["child_s"] = time.perf_counter() - self._t0
+        if cancelled:
+            return Outcome("cancelled", timings=self.timings)
+        return _judge(proc.returncode, self.spec, events, receiver, self.artifact, killed_for, self.timings)
+
+    def abandon(self, grace_s: float = REFUSED_EXIT_GRACE_S) -> None:
+        """End a child that never got its request: EOF on stdin, up to ``grace_s`` to exit by itself, then SIGKILL."""
+        proc = self.proc
+        if proc is None or self._closed:
+            return
+        self._closed = True
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            proc.wait()
+        for name in ("_events", "_receiver", "_log_copy"):
+            thread = getattr(self, name, None)
+            if thread is not None and thread.ident is not None:  # started (start() may have failed half-way)
+                thread.join(10)
+
+
 def run_child(spec: ChildSpec, *, on_progress: Callable[[str, int, int, str | None], None],
               should_stop: Callable[[], bool]) -> Outcome:
-    """Run one job's certification in an untrusted child and judge its outcome."""
-    t0 = time.perf_counter()
-    staged = stage_inputs(spec.inputs, spec.work / "in")
-    file_limit = spec.limits.file_bytes or (1 << 62)
-    artifact = spec.work / "artifact.pt"
-    python = child_command()
-    events_r, events_w = os.pipe()
-    artifact_r, artifact_w = os.pipe()
-    log_r, log_w = os.pipe()
-    if spec.isolate:
-        view = isolation.SandboxView(inputs=staged, tmp_bytes=spec.tmp_bytes, out_bytes=file_limit,
-                                     gpu_devices=isolation.gpu_device_nodes(spec.cuda_visible),
-                                     env=_child_env(spec, "/tmp"))
-        argv = isolation.bwrap_argv(view, python)
-        env: dict[str, str] = {}
-        paths = {name: f"/in/{name}" for name in staged}
-        out_dir = "/out"
-        uid = isolation.outside_uid(view)
-    else:
-        tmp = spec.work / "tmp"
-        out = spec.work / "out"
-        for folder in (tmp, out):
-            folder.mkdir(exist_ok=True)
-        argv, env = python, _child_env(spec, str(tmp))
-        paths = {name: str(path) for name, path in staged.items()}
-        out_dir, uid = str(out), None
-    request = {"model": paths["model.pt"], "data": paths[next(n for n in staged if n.startswith("data"))],
-               "uncertainty": paths.get("uncertainty.safetensors"), "config": spec.config,
-               "limits": asdict(spec.limits), "out_dir": out_dir, "events_fd": events_w, "artifact_fd": artifact_w,
-               "spawned_at": time.time()}
+    """Run one job's certification in an untrusted child and judge its outcome.
 
-    def preexec() -> None:
-        isolation.drop_to(uid)
-        _die_with_supervisor()  # after the uid change, which clears it
-        sandbox.apply(spec.limits)
-
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_w, stderr=log_w, env=env,
-                                pass_fds=(events_w, artifact_w), preexec_fn=preexec, start_new_session=True,
-                                cwd=out_dir if not spec.isolate else "/")
-    finally:
-        for fd in (events_w, artifact_w, log_w):
-            os.close(fd)
-    log_copy = _CappedCopy(log_r, spec.log_path, spec.max_log_bytes, drain=True)
-    receiver = _CappedCopy(artifact_r, artifact, file_limit, drain=False)
-    events = _Events(events_r, on_progress)
-    for thread in (log_copy, receiver, events):
-        thread.start()
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write((json.dumps(request) + "\n").encode())
-        proc.stdin.close()
-    except OSError:
-        pass  # it died at once; its exit status says why
-    cancelled = killed_for = None
-    while proc.poll() is None:
-        if receiver.over:
-            killed_for = "artifact"
-        elif events.bad:
-            killed_for = "event"
-        elif should_stop():
-            cancelled = True
-        if cancelled or killed_for:
-            _kill(proc)
-            break
-        time.sleep(POLL_S)
-    proc.wait()
-    for thread in (events, receiver, log_copy):
-        thread.join(10)
-    timings = {"child_s": time.perf_counter() - t0}
-    if cancelled:
-        return Outcome("cancelled", timings=timings)
-    return _judge(proc.returncode, spec, events, receiver, artifact, killed_for, timings)
+    The child is started first and imports while ``spec.inputs`` are staged and verified
+    (:class:`ChildRun`); it gets its request only after all of them are. Raises IntegrityError
+    (the child then gets no request).
+    """
+    with ChildRun(spec) as run:
+        run.keep_log()
+        run.stage(spec.inputs)
+        return run.supervise(on_progress=on_progress, should_stop=should_stop)
 
 
 def _die_with_supervisor() -> None:
@@ -385,7 +550,7 @@ def _judge(returncode: int, spec: ChildSpec, events: _Events, receiver: _CappedC
             return Outcome("failed", code="artifact_write_failed", timings=timings,
                            message="The pruned model arrived incomplete; no artifact was stored.")
         return Outcome("succeeded", result=events.result, artifact=artifact,
-                       artifact_sha256=receiver.digest.hexdigest(), timings=timings)
+                       artifact_sha256=receiver.digest.hexdigest() if receiver.digest else None, timings=timings)
     failure = sandbox_death(sig, events.stage)
     if failure is not None:
         return Outcome("failed", code=failure[0], message=failure[1], timings=timings)
@@ -465,5 +630,6 @@ def recover_orphans(store: JobStore, *, max_attempts: int, stale_before: datetim
     return changed
 
 
-__all__ = ["INTERRUPTED", "LOST", "ChildSpec", "Input", "IntegrityError", "Outcome", "check_result", "clean_text",
-           "record_outcome", "recover_orphans", "remove_run_folder", "run_child", "sandbox_death", "stage_inputs"]
+__all__ = ["INTERRUPTED", "LOST", "ChildRun", "ChildSpec", "Input", "IntegrityError", "Outcome", "check_result",
+           "clean_text", "record_outcome", "recover_orphans", "remove_run_folder", "run_child", "sandbox_death",
+           "stage_inputs"]

@@ -24,15 +24,18 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import isolation, sandbox
 from .failures import classify_failure, is_disk_error, root_cause_line
 from .jsonable import jsonable
 from .settings import Settings
-from .storage import Storage, job_dir, sha256_file
-from .store import CANCELLED, FAILED, SUCCEEDED, Claim, Job, JobStore
-from .supervisor import ChildSpec, Input, IntegrityError, Outcome, record_outcome, remove_run_folder, run_child
+from .storage import Storage, StoredFile, job_dir, sha256_file
+from .supervisor import (CANCELLED, FAILED, SUCCEEDED, ChildRun, ChildSpec, Input, IntegrityError, Outcome,
+                         record_outcome, remove_run_folder)
+
+if TYPE_CHECKING:
+    from .store import Job, JobStore
 
 log = logging.getLogger("certiprune.worker")
 
@@ -101,21 +104,22 @@ def throttled_stop_check(store: JobStore, job_id: str, run_id: str) -> Callable[
 
 
 def run_job(job_id: str, run_id: str, settings_dict: dict[str, Any], *, gpu: int | None = None,
-            parent_pid: int | None = None) -> None:
+            parent_pid: int | None = None, spawned_at: float | None = None) -> None:
     """Entry point of the spawned process. Records the job's outcome; exits 0 unless the store is unreachable.
 
     The process runs exactly one job, so it is sandboxed (``service.sandbox``) before the model loads.
+    ``spawned_at`` (the executor's ``time.time()`` when it started this process) times the worker's own start.
+    The job store (SQLAlchemy, ≈ 0.15 s to import) is opened only once the child is started (:func:`_run`).
     """
+    entered = time.time()
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in a terminal is for the server, which stops us
     _select_gpu(gpu)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
     settings = Settings(**settings_dict)
-    store = JobStore.from_url(settings.resolved_database_url)
-    try:
-        _run(job_id, run_id, settings, store, sandbox_gpu=gpu)
-    finally:
-        store.close()
+    started = {"worker_start_s": entered - spawned_at} \
+        if spawned_at is not None and 0 <= entered - spawned_at < 3600 else {}
+    _run(job_id, run_id, settings, None, sandbox_gpu=gpu, timings=started)
 
 
 def job_uses_cuda(job: Job, gpu: int | None) -> bool:
@@ -123,43 +127,107 @@ def job_uses_cuda(job: Job, gpu: int | None) -> bool:
     return gpu is not None or job.config.get("device") == "cuda"
 
 
-def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandbox_gpu: int | None = None) -> None:
-    """Supervise one claimed job: verified inputs → untrusted child (``service.supervisor``) → stored artifact.
+def _open_store(settings: Settings) -> JobStore:
+    from .store import JobStore  # SQLAlchemy: imported while the child imports torch
+
+    return JobStore.from_url(settings.resolved_database_url)
+
+
+def _run(job_id: str, run_id: str, settings: Settings, store: JobStore | None, *, sandbox_gpu: int | None = None,
+         timings: dict[str, float] | None = None) -> None:
+    """Supervise one claimed job: untrusted child started → verified inputs → request → stored artifact.
 
     This process is trusted: it holds the store and records how the run ended (``record_outcome``). The
     uploaded model runs only in the child, with the rlimits of ``service.sandbox`` and, unless the sandbox
-    is off, inside bubblewrap (``service.isolation``).
+    is off, inside bubblewrap (``service.isolation``). The child is started first of all — before the
+    store is opened (``store`` None: opened here from ``settings``, and closed), the job read, the inputs
+    fetched, staged and hashed — so its imports overlap with all of that; it gets its request only once
+    every input is verified (``service.supervisor.ChildRun``). A run that turns out not to hold the job
+    ends its child without a request. ``timings`` (this process's own, trusted) go into the result's
+    ``timings`` beside the child's.
     """
+    t_entry = time.perf_counter()
+    timings = dict(timings or {})
+    storage = Storage(settings.data_dir)
+    work = storage.work_dir(job_id)
+    run_folder = work / f".run-{run_id}"
+    isolate, why_not = sandbox_decision(settings)
+    own_store = store is None
+    if isolate is None:
+        store = store or _open_store(settings)
+        try:
+            _fail(store, job_id, run_id, "sandbox_unavailable",
+                  f"The server requires the OS sandbox for every job but it cannot start here: {why_not}. The operator "
+                  "must fix this; the model was not run.", only_if_held=True)
+        finally:
+            if own_store:
+                store.close()
+        return
+    cuda = sandbox_gpu is not None  # the job's config may add CUDA (checked below; a child is restarted then)
+
+    def spec_for(cuda: bool) -> ChildSpec:
+        return ChildSpec(inputs=[], config={}, limits=sandbox.limits_from_settings(settings, cuda=cuda),
+                         isolate=isolate, work=run_folder, log_path=work / "child.log",
+                         max_log_bytes=settings.max_log_bytes, tmp_bytes=settings.sandbox_tmp_bytes,
+                         cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES") if sandbox_gpu is not None else None)
+
+    child = ChildRun(spec_for(cuda))
+    try:
+        child.start()  # imports in the sandbox while this process opens the store, fetches, stages and hashes
+        timings["worker_setup_s"] = time.perf_counter() - t_entry
+        store = store or _open_store(settings)
+        _supervise(job_id, run_id, settings, store, storage, work, child, spec_for, cuda, sandbox_gpu, timings)
+    finally:
+        child.close()
+        remove_run_folder(run_folder)
+        if own_store and store is not None:
+            store.close()
+
+
+def _fail(store: JobStore, job_id: str, run_id: str, code: str, message: str, *, only_if_held: bool = False) -> None:
+    from .store import Claim
+
+    if only_if_held:
+        job = store.get(job_id=job_id)
+        if job is None or job.run_id != run_id:
+            return
+    record_outcome(store, Claim(job_id=job_id, run_id=run_id), Outcome(FAILED, code=code, message=message))
+
+
+def _supervise(job_id: str, run_id: str, settings: Settings, store: JobStore, storage: Storage, work: Path,
+               child: ChildRun, spec_for: Callable[[bool], ChildSpec], cuda: bool, sandbox_gpu: int | None,
+               timings: dict[str, float]) -> None:
+    """The run once its child is started: check the claim, stage, send the request, judge, store the artifact."""
+    from .store import Claim
+
     job = store.get(job_id=job_id)
     if job is None or job.run_id != run_id:
         log.warning("job %s is no longer held by run %s; nothing to do", job_id, run_id)
+        child.abandon(grace_s=0)  # it was told of nothing
         return
-    cuda = job_uses_cuda(job, sandbox_gpu)
-    limits = sandbox.limits_from_settings(settings, cuda=cuda)
-    storage = Storage(settings.data_dir)
-    work = storage.work_dir(job_id)
-    discard_partial_files(work)  # half-written by an earlier run that was killed
-    run_folder = work / f".run-{run_id}"
+    child.keep_log()  # the job's log from now on (jobs/<id>/child.log)
+    discard_partial_files(work, keep=child.spec.work.name)  # half-written by an earlier run that was killed
+    if job_uses_cuda(job, sandbox_gpu) != cuda:  # the config asks for CUDA without a GPU slot: CUDA's limits
+        child.restart(spec_for(True))
+        child.keep_log()
+    limits = child.spec.limits
     claim = Claim(job_id=job_id, run_id=run_id)
 
     def fail(code: str, message: str) -> None:
         record_outcome(store, claim, Outcome(FAILED, code=code, message=message))
 
-    isolate, why_not = sandbox_decision(settings)
-    if isolate is None:
-        fail("sandbox_unavailable", f"The server requires the OS sandbox for every job but it cannot start here: "
-                                    f"{why_not}. The operator must fix this; the model was not run.")
-        return
     store.update_progress(job_id=job_id, run_id=run_id, stage="loading", done=0, total=0,
-                          message="Checking the inputs and starting the job's sandbox." if isolate else
+                          message="Checking the inputs and starting the job's sandbox." if child.spec.isolate else
                           "Checking the inputs and starting the job's process (no OS sandbox).")
     report = throttled_progress(store, job_id, run_id)
     try:
+        log.info("job %s: child %s, limits %s", job_id,
+                 "sandboxed (bubblewrap)" if child.spec.isolate else "NOT sandboxed", asdict(limits))
         with storage.fetch_local(job.model_path) as model_path, \
                 storage.fetch_local(job.data_path) as data_path, \
                 storage.fetch_local(job.uncertainty_path) as uncertainty_path:
             refusal = check_room_for_artifact(model_path, work, limits)
-            if refusal is not None:  # fail now, not after hours of work
+            if refusal is not None:  # fail now, not after hours of work (the child gets no request)
                 fail(*refusal)
                 log.info("job %s refused: %s", job_id, refusal[1])
                 return
@@ -169,17 +237,10 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
                 # a job admitted before the store recorded its sha256 (revision 0003): hash the copy the child gets
                 inputs.append(Input(Path(uncertainty_path), "uncertainty.safetensors",
                                     job.uncertainty_sha256 or sha256_file(uncertainty_path)))
-            spec = ChildSpec(inputs=inputs, config=dict(job.config), limits=limits, isolate=isolate, work=run_folder,
-                             log_path=work / "child.log", max_log_bytes=settings.max_log_bytes,
-                             tmp_bytes=settings.sandbox_tmp_bytes,
-                             cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES") if sandbox_gpu is not None else None)
-            log.info("job %s: child %s, limits %s", job_id, "sandboxed (bubblewrap)" if isolate else "NOT sandboxed",
-                     asdict(limits))
-            outcome = run_child(
-                spec,
-                on_progress=report,
-                should_stop=throttled_stop_check(store, job_id, run_id),
-            )
+            child.stage(inputs)  # IntegrityError: the child never gets a request
+            outcome = child.supervise(on_progress=report, should_stop=throttled_stop_check(store, job_id, run_id),
+                                      config=dict(job.config))
+        timings.update(child.timings)
         if outcome.status == CANCELLED:
             record_outcome(store, claim, Outcome(CANCELLED))
             log.info("job %s cancelled", job_id)
@@ -192,27 +253,35 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
         if not store.is_current_run(job_id=job_id, run_id=run_id):
             log.warning("job %s was taken from run %s while it ran; discarding its artifact", job_id, run_id)
             return
-        assert outcome.artifact is not None and outcome.result is not None
+        assert outcome.artifact is not None and outcome.result is not None and outcome.artifact_sha256 is not None
+        t = time.perf_counter()
         refusal = check_artifact(outcome.artifact)
+        timings["artifact_check_s"] = time.perf_counter() - t
         if refusal is not None:
             fail(*refusal)
             return
+        t = time.perf_counter()
         try:
-            stored = storage.put_file(outcome.artifact, f"{job_dir(job_id)}/artifact.pt")
+            stored = store_artifact(storage, job_id, outcome)
         except OSError as exc:
             fail("artifact_write_failed", f"Writing the pruned model failed: {exc.strerror or exc}. The server's disk "
                                           "may be full. No artifact was stored; submit the job again once the "
                                           "operator has made room.")
             return
+        timings["artifact_store_s"] = time.perf_counter() - t
         result = jsonable(outcome.result)
         result["artifact_sha256"] = stored.sha256  # the supervisor's hash, never the child's word
+        result["timings"] = {**(result.get("timings") or {}),
+                             **{k: round(v, 4) for k, v in timings.items() if k in SUPERVISOR_TIMINGS}}
         json.dumps(result, allow_nan=False)  # fail here, not when a client asks for the job
         record_outcome(store, claim, Outcome(SUCCEEDED, result=result, artifact_sha256=stored.sha256))
         log.info("job %s succeeded", job_id)
     except IntegrityError as exc:
+        child.close()  # the child exits on EOF, told of nothing; then the job fails
         fail("input_integrity_error", str(exc))
         log.error("job %s: %s", job_id, exc)
     except Exception as exc:
+        child.close()
         if is_disk_error(exc):
             fail("storage_full", f"The server could not prepare the job's files: {root_cause_line(exc)}. The server's "
                                  "disk may be full; submit the job again once the operator has made room.")
@@ -220,8 +289,23 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore, *, sandb
         log.exception("job %s: the supervisor failed", job_id)
         fail("internal_error", f"The job failed unexpectedly ({type(exc).__name__}). This is a bug in certiprune; "
                                "the server log has the details.")
-    finally:
-        remove_run_folder(run_folder)
+
+
+#: The supervisor's own timings added to ``result.timings`` (the rest are the child's and the engine's):
+#: worker process start, its setup until the child is spawned, spawning it, staging + hashing the inputs
+#: (overlapped with the child's imports), the child's exit after the artifact arrived, checking and storing it.
+SUPERVISOR_TIMINGS = ("worker_start_s", "worker_setup_s", "child_spawn_s", "staging_s", "child_exit_s",
+                      "artifact_check_s", "artifact_store_s")
+
+
+def store_artifact(storage: Storage, job_id: str, outcome: Outcome) -> StoredFile:
+    """Put the received artifact in place under the hash the supervisor computed while receiving it.
+
+    The file lies in the run's private folder, written only by this process (``_CappedCopy``, which hashed
+    exactly the bytes it wrote; the child cannot reach it), so it is not read a second time to hash it.
+    """
+    assert outcome.artifact is not None and outcome.artifact_sha256 is not None
+    return storage.put_file(outcome.artifact, f"{job_dir(job_id)}/artifact.pt", sha256=outcome.artifact_sha256)
 
 
 def _data_suffix(relpath: str) -> str:
@@ -259,11 +343,13 @@ def sandbox_decision(settings: Settings) -> tuple[bool | None, str | None]:
 PARTIAL_PATTERNS = (".artifact-*", ".tmp-*", ".run-*")
 
 
-def discard_partial_files(work: Path) -> list[str]:
-    """Remove temporary artifact files a killed run left in its job folder; returns their names."""
+def discard_partial_files(work: Path, *, keep: str | None = None) -> list[str]:
+    """Remove temporary artifact files a killed run left in its job folder (all but ``keep``); returns their names."""
     removed = []
     for pattern in PARTIAL_PATTERNS:
         for path in work.glob(pattern):
+            if path.name == keep:
+                continue
             if path.is_dir() and not path.is_symlink():
                 remove_run_folder(path)
             else:
@@ -310,5 +396,6 @@ def check_room_for_artifact(model_path: str | os.PathLike, work: Path,
     return None
 
 
-__all__ = ["artifact_size_estimate", "check_room_for_artifact", "classify_failure", "discard_partial_files",
-           "discard_partial_job_files", "job_uses_cuda", "jsonable", "root_cause_line", "run_job", "sandbox_decision"]
+__all__ = ["SUPERVISOR_TIMINGS", "artifact_size_estimate", "check_room_for_artifact", "classify_failure",
+           "discard_partial_files", "discard_partial_job_files", "job_uses_cuda", "jsonable", "root_cause_line",
+           "run_job", "sandbox_decision", "store_artifact"]

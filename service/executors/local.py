@@ -95,7 +95,7 @@ class LocalExecutor(DispatchingExecutor[_Run]):
             process = self._ctx.Process(
                 target=run_job,
                 args=(claim.job_id, claim.run_id, self._settings_dict),
-                kwargs={"gpu": slot, "parent_pid": os.getpid()},
+                kwargs={"gpu": slot, "parent_pid": os.getpid(), "spawned_at": time.time()},
                 name=f"certiprune-{claim.job_id}",
                 daemon=False,
             )

@@ -76,7 +76,7 @@ def run_on_ray_worker(job_id: str, run_id: str, settings_dict: dict[str, Any]) -
         # gpu=0: the first (only) device Ray made visible, so the worker knows the job holds a GPU.
         child = multiprocessing.get_context("spawn").Process(
             target=run_job, args=(job_id, run_id, settings_dict),
-            kwargs={"gpu": 0 if placement["gpu_ids"] else None, "parent_pid": os.getpid()},
+            kwargs={"gpu": 0 if placement["gpu_ids"] else None, "parent_pid": os.getpid(), "spawned_at": time.time()},
             name=f"certiprune-{job_id}", daemon=False)
         child.start()
         child.join()

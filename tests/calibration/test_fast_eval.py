@@ -293,4 +293,7 @@ def test_cuda_dtype_and_layout_do_not_depend_on_d_cal_values(files, tmp_path: Pa
         if not changed:  # the unchanged data certifies, and the sentence names the layout it was run in
             assert r["certified"] and "memory layout" in r["guarantee"]
     assert seen[0] == seen[1], seen
-    assert seen[0][1] == "tuning split" and seen[0][2] == "tuning split"
+    # The layout comes from a D_tune batch, or, for a job too small to amortise the trial
+    # (fast_eval.layout_trial_rule, from sizes fixed before D_cal is seen), from the precision's default.
+    assert seen[0][1] == "tuning split" or seen[0][1].startswith(f"default for {precision}"), seen
+    assert seen[0][2] == "tuning split"
