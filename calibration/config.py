@@ -8,13 +8,12 @@ table generates the options of ``certiprune certify`` and ``certiprune submit``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError
 from .params import (Boolean, Choices, Grid, IndexOrKey, IntRange, Interval, NamePatterns, Nullable, Options, Param,
-                     Switchable, add_options, describe_table, fail, values_from_args)
+                     Switchable, describe_table, fail, values_from_options)
 
 CRITERIA = ("magnitude", "mu", "obd", "random")
 DATA_CRITERIA = ("mu", "obd")  # criteria whose scores need D_tune
@@ -229,20 +228,16 @@ def validate_config(raw: dict[str, Any] | CertifyConfig | None) -> CertifyConfig
     return CertifyConfig(**kw)
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """Every config field with a flag, as one option group: ``certiprune certify`` and ``submit`` share it."""
-    add_options(parser, PARAMETERS, "certification parameters",
-                "Each is also a field of --config's JSON object; a flag given here overrides that field.")
-
-
-def config_from_args(args: argparse.Namespace, base: Any = None) -> Any:
+def config_from_values(values: Mapping[str, Any], base: Any = None) -> Any:
     """``base`` (the --config object) with the fields given as flags replaced; still to be validated.
 
+    ``values``: what the command line gave per flagged field (``calibration.params.values_from_options``; the
+    click options of ``certify`` and ``submit`` are built from the table in ``service/cli/options.py``).
     A ``base`` that is not an object is returned as it is, for ``validate_config`` to refuse by name.
     """
     if base is not None and not isinstance(base, dict):
         return base
-    return {**(base or {}), **values_from_args(args, PARAMETERS)}
+    return {**(base or {}), **values_from_options(values, PARAMETERS)}
 
 
 def config_only_help() -> str:
@@ -255,4 +250,4 @@ def config_only_help() -> str:
 
 __all__ = ["CertifyConfig", "FinetuneConfig", "FINETUNE_LOSSES", "validate_config", "default_sparsities",
            "BN_STATISTICS", "CRITERIA", "RISKS", "BOUNDS", "PROCEDURES", "PATTERNS", "PARAMETERS",
-           "FINETUNE_PARAMETERS", "add_config_options", "config_from_args"]
+           "FINETUNE_PARAMETERS", "config_from_values", "config_only_help"]

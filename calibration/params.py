@@ -2,13 +2,13 @@
 
 A ``Constraint`` turns one JSON value into the value internal code trusts, or raises a ``ConfigError`` that
 names the parameter, what was expected and what arrived. The same object describes itself for help text and
-says how it is spelled as an argparse option, so one table (``calibration.config.PARAMETERS``) drives the
-validation, the CLI options of ``certiprune certify`` and ``certiprune submit``, and the tests.
+says how it is spelled on the command line (``cli_kwargs``: type, choices, nargs, metavar, const; in no CLI
+library's terms), so one table (``calibration.config.PARAMETERS``) drives the validation, the CLI options of
+``certiprune certify`` and ``certiprune submit`` (built with click by ``service/cli/options.py``), and the tests.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Mapping
@@ -45,11 +45,12 @@ class Constraint:
         raise NotImplementedError
 
     def cli_kwargs(self) -> dict[str, Any]:
-        """How the value is spelled as an argparse option: ``type``, ``choices``, ``nargs``, ``metavar``."""
+        """How the value is spelled as an option: ``type``, ``choices``, ``nargs`` ("+": one or more words,
+        "?": an optional value, ``const`` when it is left out), ``metavar``."""
         return {}
 
     def from_cli(self, value: Any, **parts: Any) -> Any:
-        """The JSON value for what argparse parsed (``None``: not given → ``MISSING``)."""
+        """The JSON value for what the command line gave (``None``: not given → ``MISSING``)."""
         return MISSING if value is None else value
 
     def parts(self) -> Mapping[str, Param]:
@@ -229,13 +230,15 @@ class Nullable(Constraint):
 # -- the special ones -----------------------------------------------------------------------
 
 def _comma_separated(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    """argparse ``type`` for ``--criterion mu,obd`` as well as ``--criterion mu obd``."""
+    """The ``type`` of one word of ``--criterion mu,obd`` as well as ``--criterion mu obd``: a list of choices.
+
+    Raises ``ValueError`` naming the bad choice; the CLI turns it into a usage error (exit 2)."""
 
     def parse(text: str) -> list[str]:
         items = [c.strip() for c in text.split(",") if c.strip()]
         for item in items:
             if item not in choices:
-                raise argparse.ArgumentTypeError(f"invalid choice: {item!r} (choose from {', '.join(choices)})")
+                raise ValueError(f"invalid choice: {item!r} (choose from {', '.join(choices)})")
         return items
 
     return parse
@@ -469,13 +472,13 @@ class Param:
     metavar: str | None = None
 
     def help_text(self) -> str:
-        """The option's help: what it does and its default (argparse %-formats help, so % is escaped)."""
+        """The option's help: what it does and its default."""
         default = self.default_help
         unset = self.default is None or self.default is False or self.default == ()
         if default is None and self.flag_sets is None and not unset:
             default = ",".join(map(str, self.default)) if isinstance(self.default, tuple) else str(self.default)
         text = self.help + (f" (default {default})" if default else "")
-        return text.replace("%", "%%")
+        return text
 
     def cli_kwargs(self) -> dict[str, Any]:
         if self.flag_sets is not None:
@@ -484,31 +487,19 @@ class Param:
         return {**kwargs, "metavar": self.metavar} if self.metavar else kwargs
 
 
-def add_options(parser: argparse.ArgumentParser, table: Mapping[str, Param], title: str,
-                description: str | None = None) -> None:
-    """Every table entry with a flag (and its parts' flags) as an option in a group of its own.
+def values_from_options(values: Mapping[str, Any], table: Mapping[str, Param]) -> dict[str, Any]:
+    """The JSON values of the options given on the command line (the others are left out).
 
-    Options default to None, so ``values_from_args`` can tell "not given" from a value; ``dest`` is the
-    field's name (``finetune_lr`` for a part).
+    ``values`` maps each flagged field's name (and ``<name>_<part>`` for its parts' flags) to what the command
+    line gave: ``None`` (or an empty sequence for a ``nargs="+"`` option) when the option was not given; for a
+    ``flag_sets`` field, ``flag_sets`` itself when the flag was given.
     """
-    group = parser.add_argument_group(title, description)
-    for name, param in table.items():
-        if param.flag is None:
-            continue
-        group.add_argument(param.flag, dest=name, default=None, help=param.help_text(), **param.cli_kwargs())
-        for part, sub in param.constraint.parts().items():
-            group.add_argument(sub.flag, dest=f"{name}_{part}", default=None, help=sub.help_text(),
-                               **sub.cli_kwargs())
-
-
-def values_from_args(args: argparse.Namespace, table: Mapping[str, Param]) -> dict[str, Any]:
-    """The JSON values of the options given on the command line (the others are left out)."""
     out: dict[str, Any] = {}
     for name, param in table.items():
         if param.flag is None:
             continue
-        parts = {part: getattr(args, f"{name}_{part}") for part in param.constraint.parts()}
-        value = param.constraint.from_cli(getattr(args, name), **parts)
+        parts = {part: values.get(f"{name}_{part}") for part in param.constraint.parts()}
+        value = param.constraint.from_cli(values.get(name), **parts)
         if value is not MISSING:
             out[name] = value
     return out

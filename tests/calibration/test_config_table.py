@@ -6,19 +6,19 @@ Every test iterates the table, so a new field is covered (or fails here) without
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import fields
 from typing import Any
 
+import click
 import pytest
 
-from calibration import cli_certify
-from calibration.config import (FINETUNE_PARAMETERS, PARAMETERS, CertifyConfig, FinetuneConfig, config_from_args,
-                                validate_config)
+from calibration.config import FINETUNE_PARAMETERS, PARAMETERS, CertifyConfig, FinetuneConfig, validate_config
 from calibration.errors import ConfigError
 from service import cli as service_cli
+from service.cli import client, offline
+from service.cli.options import config_from_options
 
 FLAGGED = [name for name, p in PARAMETERS.items() if p.flag]
 BASE_CERTIFY = ["m.pt", "--data", "d.npz", "--out", "o.pt"]
@@ -53,26 +53,34 @@ CLI_EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 
 
-def _certify_parser() -> argparse.ArgumentParser:
-    return cli_certify.build_parser()
+def _certify_parser() -> click.Command:
+    return offline.certify
 
 
-def _submit_parser() -> argparse.ArgumentParser:
-    parser = service_cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["submit"]
+def _submit_parser() -> click.Command:
+    return client.submit
 
 
-def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {s: a for a in parser._actions for s in a.option_strings}
+def _options(command: click.Command) -> dict[str, click.Parameter]:
+    return {s: p for p in command.params for s in p.opts}
+
+
+def _choices(option: click.Parameter) -> Any:
+    return tuple(option.type.choices) if isinstance(option.type, click.Choice) else None
+
+
+def _parse(command: click.Command, tokens: list[str]) -> dict[str, Any]:
+    return service_cli.parse([command.name, *tokens])[1]
 
 
 def _certify_config(tokens: list[str]) -> Any:
-    return cli_certify.config_from_args(_certify_parser().parse_args(BASE_CERTIFY + tokens))
+    return offline.certify_config(_parse(_certify_parser(), BASE_CERTIFY + tokens))
 
 
 def _submit_config(tokens: list[str]) -> Any:
-    return service_cli._build_config(service_cli.build_parser().parse_args(BASE_SUBMIT + tokens))
+    from types import SimpleNamespace
+
+    return client._build_config(SimpleNamespace(**service_cli.parse(BASE_SUBMIT + tokens)[1]))
 
 
 def _error_names(name: str):
@@ -183,10 +191,10 @@ def test_both_parsers_offer_every_flag_with_the_table_s_choices_and_help(parser)
     for name in FLAGGED:
         param = PARAMETERS[name]
         action = options[param.flag]
-        assert action.dest == name and action.help == param.help_text(), name
-        assert action.choices == param.constraint.cli_kwargs().get("choices"), name
+        assert action.name == name and action.help == param.help_text(), name
+        assert _choices(action) == param.constraint.cli_kwargs().get("choices"), name
         for part, sub in param.constraint.parts().items():
-            assert options[sub.flag].dest == f"{name}_{part}" and options[sub.flag].help == sub.help_text()
+            assert options[sub.flag].name == f"{name}_{part}" and options[sub.flag].help == sub.help_text()
 
 
 @pytest.mark.parametrize("name", FLAGGED)
@@ -226,7 +234,7 @@ def test_criteria_may_be_space_or_comma_separated(to_config) -> None:
 def test_both_parsers_refuse_values_outside_the_choices(parser, tokens: list[str], capsys) -> None:
     base = BASE_CERTIFY if parser is _certify_parser else BASE_SUBMIT[1:]
     with pytest.raises(SystemExit):
-        parser().parse_args(base + tokens)
+        _parse(parser(), base + tokens)
     assert tokens[0] in capsys.readouterr().err
 
 
@@ -236,12 +244,12 @@ def test_bad_sparsities_text_is_refused_by_name() -> None:
 
 
 def test_config_object_must_be_an_object_even_with_flags() -> None:
-    args = _certify_parser().parse_args(BASE_CERTIFY + ["--epsilon", "0.1"])
+    args = _parse(_certify_parser(), BASE_CERTIFY + ["--epsilon", "0.1"])
     with pytest.raises(ConfigError, match="must be a JSON object"):
-        validate_config(config_from_args(args, [1, 2]))
+        validate_config(config_from_options(args, [1, 2]))
 
 
 def test_help_lists_the_fields_without_a_flag() -> None:
-    text = _certify_parser().format_help()
+    text = _certify_parser().get_help(click.Context(_certify_parser(), info_name="certiprune certify"))
     for name, param in PARAMETERS.items():
         assert (param.flag or f"  {name}:") in text, name

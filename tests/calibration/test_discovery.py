@@ -347,12 +347,12 @@ def test_config_patterns_are_validated():
     cfg = validate_config({"prune_include": ["encoder.*"], "prune_exclude": "*.linear2.weight"})
     assert cfg.prune_include == ("encoder.*",) and cfg.prune_exclude == ("*.linear2.weight",)
     assert validate_config(cfg.to_dict()) == cfg
-    from calibration.cli_certify import build_parser, config_from_args
+    from service.cli.offline import certify_config, parse_certify
 
-    args = build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--prune-include", "encoder.*",
-                                      "head.weight", "--prune-exclude", "*.linear2.weight"])
-    assert config_from_args(args) == {"prune_include": ["encoder.*", "head.weight"],
-                                      "prune_exclude": ["*.linear2.weight"]}
+    args = parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", "--prune-include", "encoder.*",
+                          "head.weight", "--prune-exclude", "*.linear2.weight"])
+    assert certify_config(args) == {"prune_include": ["encoder.*", "head.weight"],
+                                    "prune_exclude": ["*.linear2.weight"]}
     for bad in ({"prune_include": []}, {"prune_include": [3]}, {"prune_exclude": {"a": 1}}, {"prune_exclude": [""]}):
         with pytest.raises(ConfigError):
             validate_config(bad)

@@ -175,17 +175,17 @@ def test_progress_callback_reports_stages_and_cancellation_stops(files):
 def test_cli_precision_and_bn_flags_reach_the_result(files, tmp_path):
     import json
 
-    from calibration import cli_certify
+    from service.cli import offline
 
-    args = cli_certify.build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--precision", "bf16",
-                                                  "--no-bn-recalibration"])
-    assert cli_certify.config_from_args(args) == {"precision": "bf16", "bn_recalibration": False}
+    args = offline.parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", "--precision", "bf16",
+                                  "--no-bn-recalibration"])
+    assert offline.certify_config(args) == {"precision": "bf16", "bn_recalibration": False}
     with pytest.raises(SystemExit):
-        cli_certify.build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--precision", "fp8"])
+        offline.parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", "--precision", "fp8"])
     report = tmp_path / "r.json"
-    code = cli_certify.main([str(files["cnn"]), "--data", str(files["data_img"]), "--out", str(tmp_path / "p.pt"),
-                             "--report", str(report), "--sparsities", "0.1,0.2", "--epsilon", "0.1",
-                             "--no-bn-recalibration", "--precision", "bf16", "--device", "cpu", "--quiet"])
+    code = offline.main([str(files["cnn"]), "--data", str(files["data_img"]), "--out", str(tmp_path / "p.pt"),
+                         "--report", str(report), "--sparsities", "0.1,0.2", "--epsilon", "0.1",
+                         "--no-bn-recalibration", "--precision", "bf16", "--device", "cpu", "--quiet"])
     result = json.loads(report.read_text())
     assert code == 0 and result["bn_recalibration"] == "off" and result["precision_requested"] == "bf16"
     # Reduced precisions exist on CUDA only: on the CPU the model was run, and so certified, in fp32.

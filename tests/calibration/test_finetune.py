@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from calibration import certify
-from calibration.cli_certify import build_parser, config_from_args
+from service.cli.offline import certify_config, parse_certify
 from calibration.config import FinetuneConfig, validate_config
 from calibration.data import split_tune_cal
 from calibration.errors import ConfigError
@@ -191,11 +191,11 @@ def test_finetune_config_and_cli_flags():
                       ({"chain": "yes"}, "finetune.chain")]:
         with pytest.raises(ConfigError, match=what):
             validate_config({"finetune": bad})
-    parse = build_parser().parse_args
-    assert config_from_args(parse(["m.pt", "--data", "d.npz", "--out", "o.pt", "--finetune"]))["finetune"] == {}
-    assert config_from_args(parse(["m.pt", "--data", "d", "--out", "o", "--finetune", "30", "--finetune-loss",
-                                   "distill"]))["finetune"] == {"steps": 30, "loss": "distill"}
-    assert "finetune" not in config_from_args(parse(["m.pt", "--data", "d.npz", "--out", "o.pt"]))
+    parse = parse_certify
+    assert certify_config(parse(["m.pt", "--data", "d.npz", "--out", "o.pt", "--finetune"]))["finetune"] == {}
+    assert certify_config(parse(["m.pt", "--data", "d", "--out", "o", "--finetune", "30", "--finetune-loss",
+                                 "distill"]))["finetune"] == {"steps": 30, "loss": "distill"}
+    assert "finetune" not in certify_config(parse(["m.pt", "--data", "d.npz", "--out", "o.pt"]))
 
 
 # ------------------------------------------------------------------ BatchNorm statistics that cannot hurt

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from calibration import ConfigError, certify, validate_config
-from calibration.cli_certify import build_parser, config_from_args
+from service.cli.offline import certify_config, parse_certify
 from calibration.model import find_prunable
 from calibration.patterns import (
     PatternMasks,
@@ -113,8 +113,8 @@ def test_pattern_config_validation_and_cli_flag():
         validate_config({"pattern": "4:8"})
     with pytest.raises(ConfigError, match="'sparsities' parameter must be left at its default"):
         validate_config({"pattern": "2:4", "sparsities": [0.0, 0.5]})
-    args = build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--pattern", "2:4"])
-    assert config_from_args(args)["pattern"] == "2:4"
+    args = parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", "--pattern", "2:4"])
+    assert certify_config(args)["pattern"] == "2:4"
 
 
 def test_semi_structured_speedup_runs_on_cuda_only():

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from calibration import ConfigError, ModelError, certify, validate_config
-from calibration.cli_certify import build_parser, config_from_args
+from service.cli.offline import certify_config, parse_certify
 from calibration.data import split_tune_cal
 from calibration.graph_probe import build_probe
 from calibration.masks import NestedMasks
@@ -237,8 +237,8 @@ def test_reconstruct_config_and_cli_flag():
     assert validate_config({}).reconstruct is False
     with pytest.raises(ConfigError, match="'reconstruct' parameter must be true or false"):
         validate_config({"reconstruct": "yes"})
-    args = build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", "--reconstruct"])
-    assert config_from_args(args)["reconstruct"] is True
+    args = parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", "--reconstruct"])
+    assert certify_config(args)["reconstruct"] is True
 
 
 class _BranchyMLP(nn.Module):

@@ -84,7 +84,7 @@ def test_certify_command_writes_the_plot_beside_the_report(tmp_path: Path, capsy
     import torch.nn as nn
     from sklearn.datasets import load_digits
 
-    from calibration import cli_certify
+    from service.cli import offline
 
     x, y = load_digits(return_X_y=True)
     x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
@@ -99,9 +99,9 @@ def test_certify_command_writes_the_plot_beside_the_report(tmp_path: Path, capsy
     np.savez(tmp_path / "cal.npz", x=x[1000:], y=y[1000:])
 
     report = tmp_path / "r.json"
-    code = cli_certify.main([str(tmp_path / "model.pt"), "--data", str(tmp_path / "cal.npz"), "--out",
-                             str(tmp_path / "pruned.pt"), "--report", str(report), "--epsilon", "0.05",
-                             "--sparsities", "0.1,0.2,0.3,0.4,0.5", "--quiet"])
+    code = offline.main([str(tmp_path / "model.pt"), "--data", str(tmp_path / "cal.npz"), "--out",
+                         str(tmp_path / "pruned.pt"), "--report", str(report), "--epsilon", "0.05",
+                         "--sparsities", "0.1,0.2,0.3,0.4,0.5", "--quiet"])
     assert code == 0
     result = json.loads(report.read_text())
     png = tmp_path / "r.png"

@@ -273,10 +273,10 @@ def test_two_inputs_on_cuda_with_graphs(tmp_path, precision):
 
 
 def test_cli_output_flag():
-    from calibration.cli_certify import build_parser, config_from_args
+    from service.cli.offline import certify_config, parse_certify
 
     def parse(*extra):
-        return config_from_args(build_parser().parse_args(["m.pt", "--data", "d.npz", "--out", "o.pt", *extra]))
+        return certify_config(parse_certify(["m.pt", "--data", "d.npz", "--out", "o.pt", *extra]))
 
     assert parse("--output", "1")["output"] == 1
     assert parse("--output", "-1")["output"] == -1

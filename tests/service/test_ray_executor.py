@@ -205,7 +205,7 @@ def test_compose_settings_and_commands_are_ones_certiprune_accepts(compose: dict
     """Every CERTIPRUNE_* variable is a real setting, the API's configuration validates, its command parses."""
     import shlex
 
-    from service.cli import build_parser
+    from service.cli import parse
     from service.settings import Settings
 
     services = compose["services"]
@@ -217,8 +217,8 @@ def test_compose_settings_and_commands_are_ones_certiprune_accepts(compose: dict
     assert settings.data_dir.startswith("s3://") and settings.s3_endpoint_url == "http://minio:9000"
     command = services["api"]["command"][-1].split("&&")[-1].split()
     assert command[:2] == ["exec", "certiprune"]
-    args = build_parser().parse_args(command[2:])
-    assert (args.command, args.executor, args.ray_address, args.host) == ("serve", "ray", "auto", "0.0.0.0")
+    name, args = parse(command[2:])
+    assert (name, args["executor"], args["ray_address"], args["host"]) == ("serve", "ray", "auto", "0.0.0.0")
     for name in ("api", "gpu-worker"):
         assert _env(services[name])["RAY_AUTH_TOKEN"] == _env(services["ray-head"])["RAY_AUTH_TOKEN"]
         assert "AWS_SECRET_ACCESS_KEY" in _env(services[name])  # job processes read the bucket
