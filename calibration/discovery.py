@@ -87,6 +87,18 @@ _STANDARD = {**{f"Conv{d}d": "conv" for d in (1, 2, 3)}, **{f"ConvTranspose{d}d"
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def record_weight_uses(kind: str, use: str, carried: list[Any], uses: dict[int, set[str]]) -> None:
+    """Mark the parameter groups that reach the weight positions of op ``kind`` (``_WEIGHT_AT``; every
+    operand for a matrix product) as used as ``use``. ``carried[i]``: the groups input ``i`` carries.
+    Shared by the TorchScript walk here and the exported-graph walk (``calibration.exported``)."""
+    positions = _WEIGHT_AT[kind]
+    chosen = range(len(carried)) if positions == (None,) else positions
+    for i in chosen:
+        if i is not None and i < len(carried):
+            for g in carried[i]:
+                uses.setdefault(g, set()).add(use)
+
+
 @dataclass(frozen=True)
 class PrunableWeight:
     """One prunable weight tensor: ``name`` is the parameter name (``features.0.weight``).
@@ -283,12 +295,7 @@ def _graph_uses(module: torch.nn.Module, groups: _Groups) -> tuple[dict[int, set
                     flag = ins[6]
                     if flag.node().kind() == "prim::Constant" and flag.toIValue() is True:
                         use = "conv_transpose"
-                positions = _WEIGHT_AT[kind]
-                chosen = range(len(ins)) if positions == (None,) else positions
-                for i in chosen:
-                    if i is not None and i < len(ins):
-                        for g in carried[i]:
-                            uses.setdefault(g, set()).add(use)
+                record_weight_uses(kind, use, carried, uses)
                 continue
             if "attention" in kind or "transformer" in kind:  # fused attention / encoder-layer ops
                 for gs in carried:

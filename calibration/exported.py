@@ -246,12 +246,7 @@ def graph_uses(module: torch.nn.Module, groups: Any) -> tuple[dict[int, set[str]
                        else "rnn" if kind in d._RNN else "linear" if kind == "aten::linear" else "matmul")
                 if kind in ("aten::_convolution", "aten::convolution") and len(args) > 6 and args[6] is True:
                     use = "conv_transpose"
-                positions = d._WEIGHT_AT[kind]
-                chosen = range(len(args)) if positions == (None,) else positions
-                for i in chosen:
-                    if i is not None and i < len(args):
-                        for g in ins[i]:
-                            uses.setdefault(g, set()).add(use)
+                d.record_weight_uses(kind, use, ins, uses)
                 continue
             if "attention" in kind or "transformer" in kind:
                 for g in frozenset().union(*ins):
