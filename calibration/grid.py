@@ -153,8 +153,10 @@ def select_phase(run: Run, splits: Splits, dense: DensePass, setup: CandidateSet
     best = max(range(len(grid.criteria)), key=lambda i: grid.criteria[i].certified_sparsity)
     winner = grid.criteria[best]
     n_levels = len(setup.grids[winner.criterion])
+    t = time.perf_counter()
     more = more_data(winner, bound=splits.bound, risk=run.risk, epsilon=run.cfg.epsilon,
                      alpha=splits.procedure.level_alpha(grid.delta_each, n_levels))
+    run.timings["more_data_s"] = time.perf_counter() - t  # the report's planning estimate (paired_exact: calibrations)
     for criterion in grid.criteria:
         for level in criterion.levels:
             level.losses = None

@@ -49,6 +49,8 @@ def mlp_cert(files, tmp_path_factory) -> Certificate:
 def test_result_keys_are_frozen(mlp_cert):
     r = mlp_cert.result
     assert list(r) == RESULT_KEYS + ARTIFACT_KEYS + ["timings"]
+    # every phase that costs time is timed, the report's planning estimate too
+    assert {"load_s", "dense_s", "testing_s", "more_data_s", "save_s", "total_s"} <= set(r["timings"])
     assert [c["criterion"] for c in r["criteria"]] == ["magnitude", "random"]
     for c in r["criteria"]:
         assert list(c) == CRITERION_KEYS
