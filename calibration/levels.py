@@ -68,8 +68,8 @@ def evaluate_level(candidates: Candidates, level: int, sparsity: float, data: Le
     ``with_p_value`` (testing D_cal): p-value, empirical risk and upper confidence bound; the dense level
     (sparsity 0) is ``data.dense`` itself — under the risks relative to the dense model its risk is 0 by
     definition and no test is spent on it (``tested`` False), under ``error_rate`` it is tested like any
-    level. Without (planning on D_tune): losses and empirical risk only, and the dense level is predicted
-    again from the reset builder, whichever level was built before. The live module is left as the
+    level. Without (planning on D_tune): losses and empirical risk only; the dense level resets the builder
+    (whichever level was built before) and is ``data.dense``, with no second pass. The live module is left as the
     level's candidate (``candidates.builder.snapshot()`` keeps it). The result is not yet ``rejected``:
     that is the procedure's decision over the grid.
     """
@@ -79,12 +79,12 @@ def evaluate_level(candidates: Candidates, level: int, sparsity: float, data: Le
         if test.risk != "error_rate":
             return LevelResult(sparsity=sparsity, evaluated=True, empirical_risk=0.0, p_value=0.0, upper_bound=0.0)
         predictions = data.dense
-    else:
-        if sparsity > 0.0:
-            info = candidates.build(level, sparsity)
-        else:
-            candidates.builder.reset()
+    elif sparsity > 0.0:
+        info = candidates.build(level, sparsity)
         predictions = predictor.predict(data.x, should_stop).cpu().numpy()
+    else:  # planning: the dense model again (a chain restarts), whose predictions are data.dense already
+        candidates.builder.reset()
+        predictions = data.dense
     losses = per_sample_losses(test.risk, predictions, data.dense, data.labels, data.mask)
     accuracy = (prediction_accuracy(predictions, data.labels, data.mask)
                 if with_p_value and info is not None and data.labels is not None else None)
