@@ -33,7 +33,11 @@ On the H200 (bench/NOTES_gpu.md) the wheels the device lacks (fastapi 0.165 need
 were carried in the ignored folder .gpu/wheels and installed with pip --target; the sandbox's bwrap came
 from .gpu/bin.
 
-Variants: ``new_<prec>[_on|_off]`` (this tree; cudnn_benchmark auto unless _on/_off), ``old_<prec>`` (a
+Variants: ``new_<prec>[_on|_off]`` (this tree; cudnn_benchmark auto unless _on/_off; each job POSTed after
+``--settle`` idle seconds, so its slot's worker started ahead is ready), ``cold_<prec>[_on|_off]`` (this tree with
+``CERTIPRUNE_PRESTART_WORKERS=false``: worker and child started when the job is claimed); a ``_ds`` suffix
+(``new_fp32_ds``) uploads the calibration set once as a stored dataset (``POST /v1/datasets``, timed as
+``dataset_upload_s``, not part of the job) and the job names it instead of sending it; ``old_<prec>`` (a
 server started from ``--old-tree``, the code before this change, which always autotuned), ``naive_<prec>``.
 """
 
@@ -194,11 +198,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tree: Path, data_dir: Path, log: Path, sandbox: str) -> None:
+    def __init__(self, tree: Path, data_dir: Path, log: Path, sandbox: str, env: dict[str, str] | None = None) -> None:
         self.log_path = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
@@ -218,12 +222,24 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("the server did not answer /healthz")
 
-    def job(self, inputs: Path, config: dict[str, Any]) -> dict[str, Any]:
+    def dataset(self, inputs: Path) -> tuple[str, float]:
+        """Upload the calibration set once (``POST /v1/datasets``); jobs then name it instead of sending it."""
+        t0 = _now()
+        with open(inputs / "data.npz", "rb") as d:
+            r = self.client.post("/v1/datasets", files={"file": ("data.npz", d, "application/octet-stream")})
+        r.raise_for_status()
+        return r.json()["id"], _now() - t0
+
+    def job(self, inputs: Path, config: dict[str, Any], dataset: str | None = None) -> dict[str, Any]:
         t0 = _now()
         with open(inputs / "model.pt", "rb") as m, open(inputs / "data.npz", "rb") as d:
-            r = self.client.post("/v1/jobs", files={"model": ("model.pt", m, "application/octet-stream"),
-                                                    "data": ("data.npz", d, "application/octet-stream")},
-                                 data={"config": json.dumps(config)})
+            files = {"model": ("model.pt", m, "application/octet-stream")}
+            form = {"config": json.dumps(config)}
+            if dataset is None:
+                files["data"] = ("data.npz", d, "application/octet-stream")
+            else:
+                form["dataset"] = dataset
+            r = self.client.post("/v1/jobs", files=files, data=form)
         posted = _now()
         if r.status_code >= 300:
             return {"error": r.text[:2000]}
@@ -276,6 +292,11 @@ class Server:
                 marks["done"] = when
         out: dict[str, Any] = {"sandboxed": bool(marks.get("sandboxed"))}
         ours = sum(float(t.get(k) or 0) for k in child_path(t))
+        if started_ahead(t):  # its worker and child were started before the claim: none of that is the job's
+            out["worker_staging_s"] = 0.0
+            if "spawn" in marks and "done" in marks:
+                out["after_child_s"] = marks["done"] - marks["spawn"] - ours
+            return out
         if "worker_setup_s" in t:  # this tree: the worker's own timings up to the child's spawn (then all overlaps)
             out["worker_staging_s"] = sum(float(t.get(k) or 0) for k in ("worker_start_s", "worker_setup_s",
                                                                           "child_spawn_s"))
@@ -298,10 +319,19 @@ class Server:
         self.log.close()
 
 
+def started_ahead(t: dict[str, Any]) -> bool:
+    """The job ran in a worker started ahead that was ready (waiting, ``standby_s``) before the job came."""
+    return float(t.get("standby_s") or 0.0) > 0.05
+
+
 def child_path(t: dict[str, Any]) -> tuple[str, ...]:
-    """The child's stages in series from its spawn to its result. This tree: the child imports (and starts
-    CUDA) before it reads its request, then waits for it while the supervisor stages (``request_wait_s``):
-    staging is hidden behind the imports. The old tree: spawned after staging; CUDA's start in ``total_s``."""
+    """The stages in series from the claim (or the child's spawn) to the child's result. A worker started ahead:
+    its child had imported and started CUDA before the job came, so from the claim only the hand-over, staging +
+    hashing and the engine remain. This tree without it: the child imports (and starts CUDA) before it reads its
+    request, then waits for it while the supervisor stages (``request_wait_s``): staging is hidden behind the
+    imports. The old tree: spawned after staging; CUDA's start in ``total_s``."""
+    if started_ahead(t):
+        return ("handoff_s", "staging_s", "total_s")
     if "request_wait_s" in t:
         # cuda_init_s is the child's (before the request) when it also loaded the libraries or the engine's own
         # start was renamed engine_cuda_init_s; else it is the engine's, inside total_s
@@ -331,7 +361,7 @@ def breakdown(t: dict[str, Any]) -> dict[str, float]:
 #: request; ``after``: the child's result → ``succeeded`` (``exit``: the child's exit after the artifact,
 #: ``store``: storing it); ``other``: what no stage claims.
 COLUMNS = {"e2e_s": "e2e", "fixed_s": "fixed", "post_s": "post", "queue_claim_s": "claim",
-           "worker_staging_s": "worker", "staging_s": "stage", "child_start_s": "spawn", "imports_s": "imports",
+           "worker_staging_s": "worker", "handoff_s": "handoff", "staging_s": "stage", "child_start_s": "spawn", "imports_s": "imports",
            "cuda_init_s": "cuda", "cuda_libs_s": "cudalib", "request_wait_s": "wait",
            "model_load_s": "model", "load_s": "load", "layout_s": "layout", "dense_s": "dense",
            "dense_setup_s": "d.setup", "scoring_s": "score", "testing_s": "levels", "testing_setup_s": "l.setup",
@@ -355,6 +385,9 @@ def main() -> int:
     p.add_argument("--tree", help="the code the new_* variants run (default: this checkout), e.g. one change alone")
     p.add_argument("--sandbox", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--out", default="/tmp/job_cost")
+    p.add_argument("--settle", type=float, default=10.0,
+                   help="seconds the server is left idle before each POST (a job arriving at an idle server: its "
+                        "slot's worker started ahead is ready); 0: POST at once")
     args = p.parse_args()
     if args.naive:
         return naive_main(args)
@@ -373,6 +406,7 @@ def main() -> int:
     print("inputs:", json.dumps(meta), flush=True)
     rows: list[dict[str, Any]] = []
     servers: dict[str, Server] = {}
+    datasets: dict[str, tuple[str, float]] = {}
     results_path = out / "job_cost.json"
     try:
         for variant in args.variants.split(","):
@@ -384,14 +418,25 @@ def main() -> int:
                 row = run_naive(inputs, prec, args.device, args.arch)
             else:
                 if kind not in servers:
-                    tree = Path(args.tree or ROOT) if kind == "new" else Path(args.old_tree or "")
-                    servers[kind] = Server(tree, work / f"data-{kind}", out / f"server-{kind}.log", args.sandbox)
+                    tree = Path(args.tree or ROOT) if kind in ("new", "cold") else Path(args.old_tree or "")
+                    env = {"CERTIPRUNE_PRESTART_WORKERS": "false"} if kind == "cold" else {}
+                    servers[kind] = Server(tree, work / f"data-{kind}", out / f"server-{kind}.log", args.sandbox, env)
                 config: dict[str, Any] = ({**DIGITS_CONFIG, "precision": prec} if args.arch == "digits" else
                                           {"device": args.device, "precision": prec, "sparsities": GRID,
                                            "full_curve": True, "epsilon": 0.05, "batch_size": 500})
-                if mode and kind == "new":
+                stored = "ds" in mode  # the calibration set uploaded once as a dataset; the job names it
+                mode = [m for m in mode if m != "ds"]
+                if mode and kind in ("new", "cold"):
                     config["cudnn_benchmark"] = mode[0] == "on"
-                row = servers[kind].job(inputs, config)
+                dataset = None
+                if stored:
+                    if kind not in datasets:
+                        datasets[kind] = servers[kind].dataset(inputs)
+                    dataset = datasets[kind][0]
+                time.sleep(args.settle)
+                row = servers[kind].job(inputs, config, dataset)
+                if stored:
+                    row["dataset_upload_s"] = datasets[kind][1]  # once, before: not part of this job's e2e
             row.update(breakdown(row))
             row["variant"] = variant
             rows.append(row)

@@ -260,7 +260,7 @@ class _Events(threading.Thread):
             raise ValueError(f"unknown event {kind!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChildSpec:
     """Everything one child run needs, fixed by the supervisor before it starts."""
 
@@ -269,7 +269,7 @@ class ChildSpec:
     limits: sandbox.Limits
     isolate: bool
     work: Path  # private folder for this run (staging, artifact, log)
-    log_path: Path
+    log_path: Path | None  # the job's log; None: not known yet (a pre-started worker), given to keep_log()
     max_log_bytes: int
     tmp_bytes: int
     cuda_visible: str | None = None
@@ -409,9 +409,13 @@ class ChildRun:
         for thread in (self._log_copy, self._receiver, self._events):
             thread.start()
 
-    def keep_log(self) -> None:
-        """This run holds its job: its child's log becomes the job's log (``spec.log_path``), still being written."""
-        os.replace(self._run_log, self.spec.log_path)
+    def keep_log(self, log_path: Path | None = None) -> None:
+        """This run holds its job: its child's log becomes the job's log (``log_path``, default ``spec.log_path``;
+        on the same file system), still being written."""
+        target = log_path or self.spec.log_path
+        if target is None:
+            raise ValueError("keep_log() needs the job's log path")
+        os.replace(self._run_log, target)
 
     def stage(self, inputs: list[Input]) -> dict[str, Path]:
         """Stage and verify ``inputs`` while the child imports (raises IntegrityError; nothing is sent then)."""

@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from . import isolation, sandbox
@@ -103,23 +104,30 @@ def throttled_stop_check(store: JobStore, job_id: str, run_id: str) -> Callable[
     return should_stop
 
 
-def run_job(job_id: str, run_id: str, settings_dict: dict[str, Any], *, gpu: int | None = None,
-            parent_pid: int | None = None, spawned_at: float | None = None) -> None:
-    """Entry point of the spawned process. Records the job's outcome; exits 0 unless the store is unreachable.
-
-    The process runs exactly one job, so it is sandboxed (``service.sandbox``) before the model loads.
-    ``spawned_at`` (the executor's ``time.time()`` when it started this process) times the worker's own start.
-    The job store (SQLAlchemy, ≈ 0.15 s to import) is opened only once the child is started (:func:`_run`).
-    """
+def _enter_worker(settings_dict: dict[str, Any], *, gpu: int | None, parent_pid: int | None,
+                  spawned_at: float | None) -> tuple[Settings, dict[str, float]]:
+    """A spawned worker's first steps: die with the executor, ignore Ctrl+C, take its GPU, read the settings."""
     entered = time.time()
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in a terminal is for the server, which stops us
     _select_gpu(gpu)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
     settings = Settings(**settings_dict)
-    started = {"worker_start_s": entered - spawned_at} \
+    timings = {"worker_start_s": entered - spawned_at} \
         if spawned_at is not None and 0 <= entered - spawned_at < 3600 else {}
-    _run(job_id, run_id, settings, None, sandbox_gpu=gpu, timings=started)
+    return settings, timings
+
+
+def run_job(job_id: str, run_id: str, settings_dict: dict[str, Any], *, gpu: int | None = None,
+            parent_pid: int | None = None, spawned_at: float | None = None) -> None:
+    """Entry point of a process spawned for one claimed job (the Ray task's). Records the job's outcome.
+
+    The process runs exactly one job, so it is sandboxed (``service.sandbox``) before the model loads.
+    ``spawned_at`` (the executor's ``time.time()`` when it started this process) times the worker's own start.
+    The job store (SQLAlchemy, ≈ 0.15 s to import) is opened only once the child is started (:func:`_run`).
+    """
+    settings, timings = _enter_worker(settings_dict, gpu=gpu, parent_pid=parent_pid, spawned_at=spawned_at)
+    _run(job_id, run_id, settings, None, sandbox_gpu=gpu, timings=timings)
 
 
 def job_uses_cuda(job: Job, gpu: int | None) -> bool:
@@ -131,6 +139,95 @@ def _open_store(settings: Settings) -> JobStore:
     from .store import JobStore  # SQLAlchemy: imported while the child imports torch
 
     return JobStore.from_url(settings.resolved_database_url)
+
+
+#: /proc/<pid>/comm of a local worker (at most 15 bytes): waiting for its job, and running it (for ``ps``).
+IDLE_PROCESS_NAME = "certiprune-idle"
+JOB_PROCESS_NAME = "certiprune-job"
+
+
+def _name_process(name: str) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except OSError:
+        pass
+
+
+def serve_one_job(claims: Connection, settings_dict: dict[str, Any], *, folder: str, gpu: int | None = None,
+                  parent_pid: int | None = None, spawned_at: float | None = None) -> None:
+    """Entry point of a local worker started *before* it has a job (``CERTIPRUNE_PRESTART_WORKERS``).
+
+    It gets everything ready that needs no job — its sandboxed child started in the private, empty
+    run folder ``folder`` (the child imports torch and the science and starts CUDA: seconds), the job
+    store opened — then blocks until the executor sends it one claim ``(job_id, run_id, sent_at)`` over
+    ``claims``; it runs that job exactly as :func:`run_job` would and exits. Still one fresh worker and one
+    fresh child per job: the child has seen no other job's files (its /in is ``folder``'s own, empty until
+    this job's verified inputs are staged there), and it gets its request only once they are. EOF on
+    ``claims`` (the executor stopped, or gave this worker up) ends it without a job.
+    """
+    settings, timings = _enter_worker(settings_dict, gpu=gpu, parent_pid=parent_pid, spawned_at=spawned_at)
+    _name_process(IDLE_PROCESS_NAME)
+    t_entry = time.perf_counter()
+    runner = _Runner(settings, sandbox_gpu=gpu, run_folder=Path(folder))
+    store: JobStore | None = None
+    try:
+        timings["worker_setup_s"] = time.perf_counter() - t_entry
+        store = _open_store(settings)
+        ready = time.time()
+        try:
+            job_id, run_id, sent_at = claims.recv()
+        except (EOFError, OSError):
+            runner.close(grace_s=0)  # no job came: nothing to wait for
+            return
+        _name_process(JOB_PROCESS_NAME)
+        now = time.time()
+        timings["standby_s"] = max(0.0, now - ready)  # ready and idle before the job came: no cost to it
+        timings["handoff_s"] = max(0.0, now - sent_at) if 0 <= now - sent_at < 3600 else 0.0
+        runner.run(job_id, run_id, store, timings)
+    finally:
+        runner.close()
+        if store is not None:
+            store.close()
+
+
+class _Runner:
+    """One job's supervision, started before the job is known: the isolation decision and the started child."""
+
+    def __init__(self, settings: Settings, *, sandbox_gpu: int | None, run_folder: Path) -> None:
+        self.settings, self.sandbox_gpu, self.run_folder = settings, sandbox_gpu, run_folder
+        self.isolate, self.why_not = sandbox_decision(settings)
+        self.cuda = sandbox_gpu is not None  # the job's config may add CUDA (checked later; a child is restarted)
+        self.child: ChildRun | None = None
+        if self.isolate is not None:
+            self.child = ChildRun(self.spec_for(self.cuda))
+            self.child.start()  # imports in the sandbox while this process opens the store, fetches, stages, hashes
+
+    def spec_for(self, cuda: bool) -> ChildSpec:
+        settings = self.settings
+        assert self.isolate is not None
+        return ChildSpec(inputs=[], config={}, limits=sandbox.limits_from_settings(settings, cuda=cuda),
+                         isolate=self.isolate, work=self.run_folder, log_path=None,
+                         max_log_bytes=settings.max_log_bytes, tmp_bytes=settings.sandbox_tmp_bytes,
+                         cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES") if self.sandbox_gpu is not None else None)
+
+    def run(self, job_id: str, run_id: str, store: JobStore, timings: dict[str, float]) -> None:
+        if self.child is None:
+            _fail(store, job_id, run_id, "sandbox_unavailable",
+                  f"The server requires the OS sandbox for every job but it cannot start here: {self.why_not}. The "
+                  "operator must fix this; the model was not run.", only_if_held=True)
+            return
+        storage = Storage(self.settings.data_dir)
+        _supervise(job_id, run_id, self.settings, store, storage, storage.work_dir(job_id), self.child,
+                   self.spec_for, self.cuda, self.sandbox_gpu, timings)
+
+    def close(self, grace_s: float | None = None) -> None:
+        if self.child is not None:
+            if grace_s is not None:
+                self.child.abandon(grace_s=grace_s)
+            self.child.close()
+        remove_run_folder(self.run_folder)
 
 
 def _run(job_id: str, run_id: str, settings: Settings, store: JobStore | None, *, sandbox_gpu: int | None = None,
@@ -148,38 +245,15 @@ def _run(job_id: str, run_id: str, settings: Settings, store: JobStore | None, *
     """
     t_entry = time.perf_counter()
     timings = dict(timings or {})
-    storage = Storage(settings.data_dir)
-    work = storage.work_dir(job_id)
-    run_folder = work / f".run-{run_id}"
-    isolate, why_not = sandbox_decision(settings)
     own_store = store is None
-    if isolate is None:
-        store = store or _open_store(settings)
-        try:
-            _fail(store, job_id, run_id, "sandbox_unavailable",
-                  f"The server requires the OS sandbox for every job but it cannot start here: {why_not}. The operator "
-                  "must fix this; the model was not run.", only_if_held=True)
-        finally:
-            if own_store:
-                store.close()
-        return
-    cuda = sandbox_gpu is not None  # the job's config may add CUDA (checked below; a child is restarted then)
-
-    def spec_for(cuda: bool) -> ChildSpec:
-        return ChildSpec(inputs=[], config={}, limits=sandbox.limits_from_settings(settings, cuda=cuda),
-                         isolate=isolate, work=run_folder, log_path=work / "child.log",
-                         max_log_bytes=settings.max_log_bytes, tmp_bytes=settings.sandbox_tmp_bytes,
-                         cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES") if sandbox_gpu is not None else None)
-
-    child = ChildRun(spec_for(cuda))
+    runner = _Runner(settings, sandbox_gpu=sandbox_gpu,
+                     run_folder=Storage(settings.data_dir).work_dir(job_id) / f".run-{run_id}")
     try:
-        child.start()  # imports in the sandbox while this process opens the store, fetches, stages and hashes
         timings["worker_setup_s"] = time.perf_counter() - t_entry
         store = store or _open_store(settings)
-        _supervise(job_id, run_id, settings, store, storage, work, child, spec_for, cuda, sandbox_gpu, timings)
+        runner.run(job_id, run_id, store, timings)
     finally:
-        child.close()
-        remove_run_folder(run_folder)
+        runner.close()
         if own_store and store is not None:
             store.close()
 
@@ -205,11 +279,11 @@ def _supervise(job_id: str, run_id: str, settings: Settings, store: JobStore, st
         log.warning("job %s is no longer held by run %s; nothing to do", job_id, run_id)
         child.abandon(grace_s=0)  # it was told of nothing
         return
-    child.keep_log()  # the job's log from now on (jobs/<id>/child.log)
+    child.keep_log(work / "child.log")  # the job's log from now on (jobs/<id>/child.log)
     discard_partial_files(work, keep=child.spec.work.name)  # half-written by an earlier run that was killed
     if job_uses_cuda(job, sandbox_gpu) != cuda:  # the config asks for CUDA without a GPU slot: CUDA's limits
         child.restart(spec_for(True))
-        child.keep_log()
+        child.keep_log(work / "child.log")
     limits = child.spec.limits
     claim = Claim(job_id=job_id, run_id=run_id)
 
@@ -293,9 +367,11 @@ def _supervise(job_id: str, run_id: str, settings: Settings, store: JobStore, st
 
 #: The supervisor's own timings added to ``result.timings`` (the rest are the child's and the engine's):
 #: worker process start, its setup until the child is spawned, spawning it, staging + hashing the inputs
-#: (overlapped with the child's imports), the child's exit after the artifact arrived, checking and storing it.
+#: (overlapped with the child's imports), the child's exit after the artifact arrived, checking and storing it;
+#: for a pre-started worker (``serve_one_job``) also how long it waited ready for its job (``standby_s``: no cost
+#: to the job) and the hand-over of the claim (``handoff_s``).
 SUPERVISOR_TIMINGS = ("worker_start_s", "worker_setup_s", "child_spawn_s", "staging_s", "child_exit_s",
-                      "artifact_check_s", "artifact_store_s")
+                      "artifact_check_s", "artifact_store_s", "standby_s", "handoff_s")
 
 
 def store_artifact(storage: Storage, job_id: str, outcome: Outcome) -> StoredFile:
@@ -398,4 +474,4 @@ def check_room_for_artifact(model_path: str | os.PathLike, work: Path,
 
 __all__ = ["SUPERVISOR_TIMINGS", "artifact_size_estimate", "check_room_for_artifact", "classify_failure",
            "discard_partial_files", "discard_partial_job_files", "job_uses_cuda", "jsonable", "root_cause_line",
-           "run_job", "sandbox_decision", "store_artifact"]
+           "run_job", "sandbox_decision", "serve_one_job", "store_artifact"]

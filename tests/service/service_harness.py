@@ -117,8 +117,10 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path and self.log_path.exists() else ""
 
-    def worker_pids(self) -> list[int]:
-        """Live child processes of the server (its spawned workers; the resource tracker excluded)."""
+    def worker_pids(self, *, idle_too: bool = False) -> list[int]:
+        """Live worker processes of the server that hold a job (named ``certiprune-job``); ``idle_too``: also the
+        workers started ahead that still wait for one (``certiprune-idle``, or not named yet). The resource
+        tracker is never counted."""
         assert self.proc is not None
         pids: list[int] = []
         for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
@@ -128,11 +130,21 @@ class Server:
         for pid in pids:
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
             except OSError:
                 continue
-            if "resource_tracker" not in cmd:
+            if "resource_tracker" not in cmd and (idle_too or comm == "certiprune-job"):
                 workers.append(pid)
         return workers
+
+    def idle_workers(self, timeout: float = 30.0) -> list[int]:
+        """The workers started ahead and waiting for a job (``certiprune-idle``), once at least one is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            idle = [p for p in self.worker_pids(idle_too=True) if _comm(p) == "certiprune-idle"]
+            if idle or time.monotonic() > deadline:
+                return idle
+            time.sleep(0.05)
 
     def workers_left(self, timeout: float = 20.0) -> list[int]:
         """Worker pids still alive after ``timeout`` s: a worker records its terminal status before it has
@@ -145,6 +157,13 @@ class Server:
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def module_server(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Iterator[Server]:

@@ -187,7 +187,7 @@ def test_killing_workers_and_the_api_loses_no_job(make_server, inputs: Inputs, t
                 break
             time.sleep(0.1)
         assert statuses["running"] and statuses["queued"], statuses
-    workers = server.worker_pids()
+    workers = server.worker_pids(idle_too=True)
     server.stop(signal.SIGKILL)
     for pid in workers:
         wait_pid_gone(pid)  # no orphan keeps computing

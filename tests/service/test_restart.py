@@ -38,7 +38,7 @@ def test_kill_and_restart_loses_nothing_and_leaves_nothing_running(make_server, 
         slow = submit(c, inputs.big_model, data=inputs.big_data, config=SLOW_CONFIG).json()["id"]
         queued = [submit(c, inputs.model, data=inputs.data, config=FAST_CONFIG).json()["id"] for _ in range(2)]
         wait_for(c, slow, lambda j: j["progress"]["stage"] == "testing", 60, "the testing stage")
-        workers = s1.worker_pids()
+        workers = s1.worker_pids(idle_too=True)
         assert workers
     s1.stop(signal.SIGKILL)
     assert all(pid_gone(p) for p in workers), "a worker outlived its killed server"
