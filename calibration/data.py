@@ -128,6 +128,45 @@ def _check_npz_members(path: Path, max_inflated_bytes: int | None = None) -> Non
                         code="data_malformed") from exc
 
 
+def _read_stored_members(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the .npz's uncompressed (``np.savez``) members, each read straight into its array.
+
+    ``np.load`` reads a member through ``zipfile`` (a CRC-32 over every byte, then a copy): about 1 s for a
+    1.2 GB calibration set, against 0.3 s for one ``readinto`` from the member's data offset. The CRC adds
+    nothing here: the service verified the file's sha256 before the job could read it. Deflated, encrypted or
+    Fortran-ordered members are left to ``np.load`` (not in the result). Sizes were checked by
+    :func:`_check_npz_members`; a member whose bytes run short is refused.
+    """
+    from numpy.lib import format as npy
+
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+        for info in zf.infolist():
+            key = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or key in out:
+                continue
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise DataError(f"Array {key!r} of the .npz has a corrupt zip header.", code="data_malformed")
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+            fh.seek(start)
+            version = npy.read_magic(fh)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if fortran or dtype.hasobject:
+                continue
+            if info.file_size != fh.tell() - start + math.prod(shape) * dtype.itemsize:  # never read past the member
+                raise DataError(f"Array {key!r} of the .npz is truncated or corrupt.", code="data_malformed")
+            array = np.empty(shape, dtype=dtype)
+            view = memoryview(array).cast("B") if array.nbytes else None
+            if view is not None and fh.readinto(view) != array.nbytes:
+                raise DataError(f"Array {key!r} of the .npz is truncated.", code="data_malformed")
+            out[key] = array
+    return out
+
+
 def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path.name!r} is not a valid .npz archive (not a zip file).", code="data_malformed")
@@ -138,8 +177,10 @@ def _read_npz(path: Path, max_inflated_bytes: int | None = None) -> dict[str, np
             unknown = _unknown_names(names)
             out = {}
             if not unknown:
+                out = {k: v for k, v in _read_stored_members(path).items() if k in names}
                 for key in names:
-                    out[key] = archive[key]
+                    if key not in out:
+                        out[key] = archive[key]
     except ValueError as exc:
         if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
             raise DataError(

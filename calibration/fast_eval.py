@@ -33,7 +33,7 @@ Levers, all on CUDA only (on the CPU, :class:`Predictor` is exactly the engine's
   benchmark): on an H200, NHWC was 2.3× faster for ResNet-18 at 32×32 in fp32 and 1.5× for
   ResNet-50 in bf16, but 11 % slower for ResNet-50 in fp32. The choice is made before the dense
   pass and kept for every level, so all passes use the same kernels. The trial itself costs about
-  ``LAYOUT_TRIAL_COST_BATCHES`` batch forwards, so a job too small to amortise it
+  ``LAYOUT_TRIAL_COST_BATCHES[precision]`` batch forwards, so a job too small to amortise it
   (:func:`layout_trial_rule`, from the job's expected batch forwards) takes the precision's usual
   winner instead (:func:`default_channels_last`: NHWC for bf16/fp16, NCHW for fp32/tf32).
 
@@ -95,9 +95,16 @@ def cudnn_benchmark_rule(requested: bool | None, expected_batches: int, precisio
 # 1.1 s for ResNet-50 fp32 at 112×112 on an H200, ≈ 20 forwards' worth; now 6 forwards + ≈ 6 of first-run costs.
 # What it buys over the default: fp32's usual winner (NCHW: ResNet-50 by 11 %) lost to NHWC by 2.3× for ResNet-18 at
 # 32×32, so a wrong default can cost half of every batch: expected regret 0.25 of the job's forwards in fp32/tf32; in
-# bf16/fp16 NHWC won every case measured (ResNet-50 1.5×): 0.1. On from ≈ 48 batch forwards in fp32, ≈ 120 in bf16.
+# bf16/fp16 NHWC won every case measured (ResNet-50 1.5×): 0.1.
+# The trial times a quarter of the batch (at least LAYOUT_TRIAL_MIN_ROWS rows; still hundreds of images for the
+# jobs where the layout matters): at full batch it took 1.15–1.30 s for ResNet-50 fp32 at 224×224 on an H200 (8.6–9.8
+# batch forwards' worth); at a quarter, 0.53–0.62 s (4.0–4.7), and it picked the same layout (NCHW by 14 %, both
+# ways). In bf16 its fixed part dominates: 0.86 s, of which the dense pass then saves 0.38 s of warm-ups, net ≈ 14
+# forwards of 35 ms. Cost in batch forwards per precision; on from 20 batch forwards in fp32, 150 in bf16.
 LAYOUT_WARMUP = 2  # the profiling executor profiles on the first run and optimises on the second
-LAYOUT_TRIAL_COST_BATCHES = 12.0
+LAYOUT_TRIAL_COST_BATCHES = {"fp32": 5.0, "tf32": 5.0, "bf16": 15.0, "fp16": 15.0}
+LAYOUT_TRIAL_FRACTION = 4  # the trial's rows: the batch's rows // this
+LAYOUT_TRIAL_MIN_ROWS = 64
 LAYOUT_REGRET = {"fp32": 0.25, "tf32": 0.25, "bf16": 0.10, "fp16": 0.10}
 
 
@@ -110,12 +117,13 @@ def layout_trial_rule(expected_batches: int | None, precision: str = "fp32") -> 
     """Whether timing both memory layouts can pay for itself in a job of ``expected_batches`` batch forwards.
 
     On where the expected saving over :func:`default_channels_last`, ``expected_batches × regret(precision)``,
-    exceeds the trial's own cost of about ``LAYOUT_TRIAL_COST_BATCHES`` forwards. Unknown size (None): always.
+    exceeds the trial's own cost of about ``LAYOUT_TRIAL_COST_BATCHES[precision]`` forwards. Unknown size
+    (None): always.
     Decided from counts fixed before D_cal is looked at (``engine.expected_batch_forwards``).
     """
     if expected_batches is None:
         return True
-    return expected_batches * LAYOUT_REGRET.get(precision, 0.25) > LAYOUT_TRIAL_COST_BATCHES
+    return expected_batches * LAYOUT_REGRET.get(precision, 0.25) > LAYOUT_TRIAL_COST_BATCHES.get(precision, 5.0)
 
 
 def _integer_valued(x: torch.Tensor, rows: int = 1024) -> bool:
@@ -435,6 +443,7 @@ class Predictor:
             self.channels_last = False
             return
         times = {}
+        xb = xb[:max(min(LAYOUT_TRIAL_MIN_ROWS, xb.shape[0]), xb.shape[0] // LAYOUT_TRIAL_FRACTION)]
         for cl in (False, True):
             xf = xb.contiguous(memory_format=torch.channels_last) if cl else xb.contiguous()
             for _ in range(min(self.warmup, LAYOUT_WARMUP)):

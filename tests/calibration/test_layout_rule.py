@@ -28,7 +28,7 @@ def test_unknown_size_always_tries_both_layouts() -> None:
 
 def test_threshold_is_where_the_expected_saving_exceeds_the_trial() -> None:
     for precision in ("fp32", "tf32", "bf16", "fp16"):
-        edge = round(LAYOUT_TRIAL_COST_BATCHES / LAYOUT_REGRET[precision])  # saves exactly what the trial costs
+        edge = round(LAYOUT_TRIAL_COST_BATCHES[precision] / LAYOUT_REGRET[precision])  # saves what the trial costs
         assert layout_trial_rule(edge, precision) is False
         assert layout_trial_rule(edge + 1, precision) is True
 
@@ -39,7 +39,9 @@ def test_the_benchmark_jobs() -> None:
     job = expected_batch_forwards(cfg, 1500, 500, True, 54)
     assert job == 84
     assert layout_trial_rule(job, "fp32") is True  # a wrong fp32 default can cost half of every batch
-    assert layout_trial_rule(job, "bf16") is False  # NHWC, the bf16 winner everywhere measured
+    assert layout_trial_rule(job, "bf16") is False  # NHWC, the bf16 winner everywhere measured; its trial cost more
+    assert layout_trial_rule(job // 4, "fp32") is True  # a quarter-batch trial pays for itself in fp32 from 20
+    assert layout_trial_rule(job // 5, "fp32") is False
     # a two-level job on 1000 samples at batch 500: 2 + 2 × 2 = 6 forwards, far too few for a trial in any precision
     small = CertifyConfig(sparsities=(0.3, 0.6), batch_size=500)
     n = expected_batch_forwards(small, 1000, 0, False, 3)
@@ -72,12 +74,14 @@ def test_a_small_job_takes_the_default_without_timing(precision: str, expected: 
 
 
 @cuda
-def test_a_large_job_times_both_layouts() -> None:
+@pytest.mark.parametrize("rows,timed", [(16, 16), (100, 64), (512, 128)])
+def test_a_large_job_times_both_layouts_on_a_quarter_batch(rows: int, timed: int) -> None:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).cuda().eval()
-    x = torch.randn(16, 3, 16, 16, device="cuda")
-    with Predictor(module, 16, device="cuda", precision="fp32", expected_batches=10_000) as pred:
+    x = torch.randn(rows, 3, 16, 16, device="cuda")
+    with Predictor(module, rows, device="cuda", precision="fp32", expected_batches=10_000) as pred:
         pred.choose_layout(x, "tuning split")
         assert pred.format_ms is not None and set(pred.format_ms) == {"rows", "nchw", "channels_last"}
+        assert pred.format_ms["rows"] == timed  # a quarter of the batch, at least 64 rows (all, if fewer)
         assert pred.describe()["layout_from"] == "tuning split"
 
 

@@ -1,0 +1,68 @@
+""".npz members stored uncompressed are read straight into their arrays (issue 17: no CRC pass, no second
+copy); the result must equal numpy's own reader for every dtype and layout, and a short member is refused."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.data import _read_npz, _read_stored_members
+from calibration.errors import DataError
+
+
+def numpy_reads(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.uint8, np.bool_])
+def test_stored_members_equal_numpys_reading(tmp_path: Path, dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.random((37, 3, 5, 4)) * 100).astype(dtype)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=rng.integers(0, 10, 37), x_mask=np.ones((37, 4), dtype=bool))
+    direct = _read_stored_members(path)
+    assert set(direct) == {"x", "y", "x_mask"}  # every member was read directly
+    assert same(direct, numpy_reads(path))
+    assert same(_read_npz(path), numpy_reads(path))
+
+
+def test_compressed_fortran_and_empty_members_fall_back_or_read_right(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    compressed = tmp_path / "c.npz"
+    np.savez_compressed(compressed, x=rng.random((20, 6)).astype(np.float32), y=np.arange(20))
+    assert _read_stored_members(compressed) == {}  # deflated: left to np.load
+    assert same(_read_npz(compressed), numpy_reads(compressed))
+    mixed = tmp_path / "m.npz"
+    np.savez(mixed, x=np.asfortranarray(rng.random((8, 3))), y=np.arange(8))
+    assert set(_read_stored_members(mixed)) == {"y"}  # Fortran order: left to np.load
+    assert same(_read_npz(mixed), numpy_reads(mixed))
+    empty = tmp_path / "e.npz"
+    np.savez(empty, x=np.zeros((0, 3), np.float32), y=np.zeros(0, np.int64))
+    assert same(_read_stored_members(empty), numpy_reads(empty))
+
+
+def test_a_member_cut_short_is_refused(tmp_path: Path) -> None:
+    """A member whose bytes end early (written by hand: its zip entry says fewer bytes than the header's shape)."""
+    path = tmp_path / "short.npz"
+    full = tmp_path / "full.npz"
+    np.savez(full, x=np.ones((100, 10), np.float32))
+    with zipfile.ZipFile(full) as zf:
+        member = zf.read("x.npy")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("x.npy", member[:-400])
+        zf.writestr("y.npy", member)  # what follows must never be read as x's bytes
+    with pytest.raises(DataError) as exc:
+        _read_stored_members(path)
+    assert exc.value.code == "data_malformed"
+    with pytest.raises(DataError) as exc:  # the size check before any read names the problem too
+        _read_npz(path)
+    assert exc.value.code == "data_malformed" and "truncated" in str(exc.value)
