@@ -31,7 +31,7 @@ from .criteria import ScoreContext, get_criterion
 from .data import CalibrationSet, Split, check_labels, load_calibration, split_tune_cal
 from .discovery import Discovery
 from .errors import CancelledError, ConfigError, DataError, ModelError, exception_summary
-from .fast_eval import Predictor, cudnn_benchmark_rule, effective_precision
+from .fast_eval import Predictor, cudnn_benchmark_rule, effective_precision, graph_optimization_rule
 from .finetune import SOFT_TARGET_ELEMENTS, Finetuner, dense_targets
 from .grid import GridOutcome, Selection, grid_phase, select_phase
 from .inputs import ModelInputs, bind_inputs, call, describe_batch, gather, select_output
@@ -376,7 +376,8 @@ def evaluator(run: Run, job: Loaded, splits: Splits) -> Iterator[Predictor]:
     with evaluation_precision(cfg.precision, job.device), \
             Predictor(job.module, cfg.batch_size, device=job.device, precision=cfg.precision,
                       cudnn_benchmark=splits.cudnn_benchmark, output=cfg.output,
-                      expected_batches=splits.expected_batches) as predictor:  # layout_trial_rule
+                      expected_batches=splits.expected_batches,  # layout_trial_rule
+                      graph_optimization=graph_optimization_rule(splits.expected_batches)) as predictor:
         yield predictor
 
 

@@ -89,6 +89,27 @@ def cudnn_benchmark_rule(requested: bool | None, expected_batches: int, precisio
     return gain > 0 and expected_batches * gain > AUTOTUNE_COST_BATCHES
 
 
+# TorchScript's profiling graph executor (torch's default) profiles each new input shape on its first run, then
+# optimises the graph for it on the second (on a GPU: TensorExpr fusion, generating and compiling kernels).
+# Measured on an H200 (bench/jit_warmup.py, a fresh process per setting): a traced 134 M-parameter Llama, bf16,
+# batch 64 × 128 tokens: the optimising run took 3.27 s, after which a forward took 7.9 ms against 12.5 ms
+# unoptimised (−37 %); bench/lm_gpu.py's job spent 10.5 s of 15.7 in such warm-ups (two batch shapes and the
+# graph capture). ResNet-50 at 224×224, batch 500: optimising cost about one forward and bought nothing (65.8 vs
+# 65.8 ms; bf16 46.5 vs 46.4 ms). Rule: optimising ≈ 420 batch forwards per shape, gain ≈ 35 % → on from ≈ 1,200
+# batch forwards; below that the graph runs as traced or scripted, and one warm-up run is enough (nothing to
+# profile).
+GRAPH_OPTIMIZE_COST_BATCHES = 420.0
+GRAPH_OPTIMIZE_GAIN = 0.35
+
+
+def graph_optimization_rule(expected_batches: int | None) -> bool:
+    """Whether TorchScript's graph executor should profile and optimise (fuse) the model's graph for a job of
+    ``expected_batches`` batch forwards: where the expected saving exceeds the optimisation's own cost.
+    Unknown size (None): torch's default, on. Decided from counts fixed before D_cal is looked at."""
+    if expected_batches is None:
+        return True
+    return expected_batches * GRAPH_OPTIMIZE_GAIN > GRAPH_OPTIMIZE_COST_BATCHES
+
 # The layout trial (NCHW vs channels-last): 2 × (LAYOUT_WARMUP + 1 timed) full-batch forwards, plus the losing
 # layout's first-run costs (TorchScript re-profiling for the new strides, cuDNN heuristics, kernel loads), which the
 # winner pays in the dense pass anyway. Measured before this change (3 warm-ups + 2 timed each, 10 forwards):
@@ -189,6 +210,7 @@ class Predictor:
         cudnn_benchmark: bool = False,
         output: int | str | None = None,
         expected_batches: int | None = None,
+        graph_optimization: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -207,7 +229,10 @@ class Predictor:
         self.channels_last: bool | None = (None if channels_last is None else bool(channels_last)) \
             if self.is_cuda else False
         self.format_ms: dict[str, float | int] | None = None
-        self.warmup = max(1, int(warmup))
+        # Without the graph executor's optimisation nothing is profiled or compiled: one warm-up run suffices.
+        self.graph_optimization = bool(graph_optimization)
+        self.warmup = max(1, int(warmup)) if self.graph_optimization else 1
+        self._old_optimize: bool | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_x: torch.Tensor | None = None
         self._static_logits: torch.Tensor | None = None
@@ -230,6 +255,9 @@ class Predictor:
         if self.is_cuda:
             self._old_benchmark = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        # The executor's flag is per thread: every forward of a job runs in the thread that entered here.
+        self._old_optimize = torch._C._get_graph_executor_optimize()
+        torch._C._set_graph_executor_optimize(self.graph_optimization)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -237,6 +265,9 @@ class Predictor:
         if self._old_benchmark is not None:
             torch.backends.cudnn.benchmark = self._old_benchmark
             self._old_benchmark = None
+        if self._old_optimize is not None:
+            torch._C._set_graph_executor_optimize(self._old_optimize)
+            self._old_optimize = None
 
     def release(self) -> None:
         """Drop the captured graph and its static buffers (its memory pool goes with them)."""
@@ -263,6 +294,7 @@ class Predictor:
             "layout": ("channels_last" if self.channels_last else "nchw") if self.is_cuda else None,
             "layout_from": self.layout_decided_from,
             "cudnn_benchmark": self.cudnn_benchmark,
+            "graph_optimization": self.graph_optimization,
             "setup_s": round(self.setup_s, 4),
             "warmup_runs": self.warmup if self.is_cuda else 0,
         }
@@ -532,5 +564,6 @@ class Predictor:
     __call__ = predict
 
 
-__all__ = ["LAYOUT_REGRET", "LAYOUT_TRIAL_COST_BATCHES", "Predictor", "cudnn_benchmark_rule", "default_channels_last",
+__all__ = ["GRAPH_OPTIMIZE_COST_BATCHES", "GRAPH_OPTIMIZE_GAIN", "LAYOUT_REGRET", "LAYOUT_TRIAL_COST_BATCHES", "Predictor",
+           "cudnn_benchmark_rule", "default_channels_last", "graph_optimization_rule",
            "effective_precision", "layout_trial_rule", "resident_dtype_rule"]
