@@ -10,7 +10,8 @@ a worker killed by its CPU-time limit (SIGXCPU) fails its job ``job_timeout``, a
 while writing the artifact (torch aborts on a failed write) fails it ``artifact_write_failed``,
 both without a retry. A dead run's partial files are removed before its job can run again.
 
-Each free slot keeps one worker *started ahead* (``CERTIPRUNE_PRESTART_WORKERS``, on by default;
+Each free slot, and each GPU slot while it runs a job, keeps one worker *started ahead*
+(``CERTIPRUNE_PRESTART_WORKERS``, on by default;
 ``service.worker.serve_one_job``): it has spawned its sandboxed child, which has imported torch and
 the science and started CUDA, and it waits for a claim. A claimed job is handed to it over a pipe,
 so the job does not wait for interpreter start, imports and CUDA's start (seconds on a GPU). It is
@@ -112,6 +113,14 @@ def discard_stale_standby_folders(root: Path, host: str = socket.gethostname()) 
     return removed
 
 
+def workers_wanted(free_slots: list[int | None], busy_slots: list[int | None]) -> Counter[int | None]:
+    """Workers to keep started ahead, by slot: one for each free slot, and one for each busy GPU slot, so that
+    the job queued behind the running one does not wait for a worker's start either (on a GPU it costs seconds
+    of imports and CUDA's start, and the waiting child holds only a CUDA context). A busy CPU slot gets none:
+    its imports would take CPU from the job running there."""
+    return Counter(free_slots) + Counter(slot for slot in busy_slots if slot is not None)
+
+
 @dataclass(kw_only=True)
 class _Worker:
     """A spawned worker (``serve_one_job``) for one slot, told its one claim over ``claims``."""
@@ -199,7 +208,8 @@ class LocalExecutor(DispatchingExecutor[_Run]):
                         worker.slot, describe_exit(worker.process.exitcode))
         if time.monotonic() < self._standby_retry_at:
             return
-        missing = Counter(self._free_slots) - Counter(w.slot for w in self._standby)
+        busy = [run.slot for run in self._runs.values()]
+        missing = workers_wanted(self._free_slots, busy) - Counter(w.slot for w in self._standby)
         for slot, count in missing.items():
             for _ in range(count):
                 self._standby.append(self._spawn_worker(slot))

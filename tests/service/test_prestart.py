@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from service_harness import FAST_CONFIG, Inputs, Server, pid_gone, submit, wait_terminal
+from collections import Counter
+
+from service_harness import FAST_CONFIG, Inputs, Server, pid_gone, submit, wait_for, wait_terminal
 
 from service.child import READY_LINE
-from service.executors.local import discard_stale_standby_folders
+from service.executors.local import discard_stale_standby_folders, visible_gpu_count, workers_wanted
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -144,3 +146,35 @@ def test_stale_run_folders_of_gone_servers_on_this_host_are_removed(tmp_path: Pa
     assert discard_stale_standby_folders(tmp_path, host) == [gone.name]
     assert not gone.exists() and alive.exists() and elsewhere.exists()
     assert discard_stale_standby_folders(tmp_path / "missing", host) == []
+
+
+def test_workers_wanted_one_per_free_slot_and_one_behind_each_busy_gpu() -> None:
+    assert workers_wanted([None], []) == Counter({None: 1})
+    assert workers_wanted([], [None]) == Counter()  # a busy CPU slot: the job keeps the CPU to itself
+    assert workers_wanted([1], [0]) == Counter({0: 1, 1: 1})
+    assert workers_wanted([0], [0]) == Counter({0: 2})  # two slots on one GPU, one busy: one for each
+    assert workers_wanted([], [0, 1]) == Counter({0: 1, 1: 1})
+
+
+@pytest.mark.skipif(visible_gpu_count() == 0, reason="needs an NVIDIA GPU (a GPU slot)")
+def test_a_busy_gpu_slot_starts_the_next_jobs_worker_while_its_job_runs(make_server, inputs: Inputs,
+                                                                       hostile_models: dict[str, Path]) -> None:
+    server = make_server(cancel_grace_s=1)
+    with server.client() as c:
+        spins = submit(c, hostile_models["spins"], data=inputs.data, config={"device": "cuda"}).json()["id"]
+        wait_for(c, spins, lambda j: j["status"] == "running", 60, "the endless job to run")
+        ahead = server.idle_workers(timeout=60)
+        assert len(ahead) == 1, "no worker was started ahead behind the running job"
+        assert c.get(f"/v1/jobs/{spins}").json()["status"] == "running"  # its forward never returns
+        waiting = [f for f in standby_folders(server) if (f / "in").is_dir() and not any((f / "in").iterdir())]
+        assert len(waiting) == 1, waiting  # the running job's folder holds its inputs; the next one's is empty
+        wait_child_ready(waiting[0])  # its child imported torch and started CUDA beside the running job
+        nxt = submit(c, inputs.model, data=inputs.data, config={**FAST_CONFIG, "device": "cuda"}).json()["id"]
+        time.sleep(1.0)
+        assert c.post(f"/v1/jobs/{spins}/cancel").status_code == 200
+        assert wait_terminal(c, spins, timeout=60)["status"] == "cancelled"
+        job = wait_terminal(c, nxt, timeout=120)
+    assert job["status"] == "succeeded", job
+    timings = job["result"]["timings"]
+    assert timings["standby_s"] >= 1.0, timings  # it ran in the worker that had waited behind the other
+    assert pid_gone(ahead[0])  # which served that one job and exited
