@@ -152,7 +152,7 @@ class LocalExecutor(DispatchingExecutor[_Run]):
             gpu_slots = [gpu_slots[i % len(gpu_slots)] for i in range(n)]
         self._slots = len(gpu_slots)
         self._free_slots: list[int | None] = gpu_slots
-        self._standby: list[_Worker] = []  # workers ahead, at most one per free slot
+        self._standby: list[_Worker] = []  # workers ahead: see workers_wanted
         self._standby_failures = 0
         self._standby_retry_at = 0.0
         self._standby_root = standby_root(settings)
@@ -196,7 +196,7 @@ class LocalExecutor(DispatchingExecutor[_Run]):
         shutil.rmtree(worker.folder, ignore_errors=True)
 
     def _keep_workers_ahead(self) -> None:
-        """One worker ahead for each free slot: replace those that died idle, start the missing ones."""
+        """The workers ahead that ``workers_wanted`` asks for: replace those that died idle, start the missing ones."""
         if not self.settings.prestart_workers or self._stop.is_set():
             return
         for worker in [w for w in self._standby if not w.process.is_alive()]:
@@ -238,7 +238,11 @@ class LocalExecutor(DispatchingExecutor[_Run]):
                     worker = None
             if worker is None:
                 worker = self._spawn_worker(slot)
-                worker.claims.send(message)
+                try:
+                    worker.claims.send(message)
+                except BaseException:
+                    self._retire(worker, kill=True)  # never leave a worker waiting for a claim that will not come
+                    raise
             else:
                 self._standby_failures = 0
             worker.claims.close()
