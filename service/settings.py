@@ -85,8 +85,9 @@ class Settings(BaseSettings):
         None, ge=1, description="Jobs run at once by one executor; default 1 on CPU, one per GPU."
     )
     prestart_workers: bool = Field(
-        True, description="Start each free slot's worker and sandboxed child before a job comes (imports, CUDA start), "
-        "so a job does not wait for them; still one fresh process per job. Off: start them when the job is claimed."
+        True, description="Start the worker and sandboxed child of each free slot (and, on a GPU, the next one behind "
+        "a running job) before a job comes (imports, CUDA start), so a job does not wait for them; still one fresh "
+        "process per job. Off: start them when the job is claimed."
     )
     cancel_grace_s: float = Field(5.0, ge=0, description="Time a cancelled worker gets to stop before it is killed.")
     max_active_jobs_per_key: int | None = Field(
