@@ -3,7 +3,8 @@
 Writes are atomic, so a reader never sees a half-written file: on a file system, a temp name in
 the same folder and then a rename; on S3 (which has no rename) the object is uploaded without
 committing it and only completed once every byte arrived, or aborted, so the final key appears
-whole or not at all. Sizes are limited and sha256 is computed while the bytes stream through.
+whole or not at all. Sizes are limited; sha256, and the sha256 of every 64 MiB chunk (``service.chunk_digests``),
+are computed while the bytes stream through.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
+
+from .chunk_digests import ChunkDigests, StreamChunkHasher
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -58,6 +61,10 @@ class StoredFile:
     path: str  # relative to the storage root
     size: int
     sha256: str
+    chunks: ChunkDigests | None = None  # of an upload: its 64 MiB chunks' sha256, for a parallel re-check
+
+    def chunks_json(self) -> dict[str, Any] | None:
+        return None if self.chunks is None else self.chunks.to_json()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -126,6 +133,7 @@ class Storage:
         parent = target.rsplit("/", 1)[0]
         digest = hashlib.sha256()
         size = 0
+        chunks = StreamChunkHasher()  # the same bytes, per 64 MiB chunk, in a second thread (service.chunk_digests)
 
         def copy(out: BinaryIO) -> None:
             nonlocal size
@@ -133,29 +141,33 @@ class Storage:
                 size += len(chunk)
                 if limit is not None and size > limit:
                     raise UploadTooLarge(limit)
+                chunks.update(chunk)
                 digest.update(chunk)
                 out.write(chunk)
 
-        if self.is_object_store:
-            upload = self.fs.open(target, "wb", autocommit=False)  # parts stay invisible until commit()
+        with chunks:
+            if self.is_object_store:
+                upload = self.fs.open(target, "wb", autocommit=False)  # parts stay invisible until commit()
+                try:
+                    with upload:
+                        copy(upload)
+                    digests = chunks.finish()
+                    upload.commit()
+                except BaseException:
+                    upload.discard()  # abort the multipart upload: nothing appears, an older object stays
+                    raise
+                return StoredFile(path=relpath, size=size, sha256=digest.hexdigest(), chunks=digests)
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
             try:
-                with upload:
-                    copy(upload)
-                upload.commit()
+                with self.fs.open(tmp, "wb") as out:
+                    copy(out)
+                digests = chunks.finish()
+                self.fs.mv(tmp, target)
             except BaseException:
-                upload.discard()  # abort the multipart upload: nothing appears, an older object stays
+                self._remove_quietly(tmp)
                 raise
-            return StoredFile(path=relpath, size=size, sha256=digest.hexdigest())
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        try:
-            with self.fs.open(tmp, "wb") as out:
-                copy(out)
-            self.fs.mv(tmp, target)
-        except BaseException:
-            self._remove_quietly(tmp)
-            raise
-        return StoredFile(path=relpath, size=size, sha256=digest.hexdigest())
+            return StoredFile(path=relpath, size=size, sha256=digest.hexdigest(), chunks=digests)
 
     def put_file(self, local: str | os.PathLike, relpath: str, *, sha256: str | None = None) -> StoredFile:
         """Move (local storage) or upload (remote) a finished local file into place, atomically.

@@ -93,6 +93,7 @@ class Job:
     heartbeat_at: datetime | None
     placement: dict[str, Any] | None = None
     uncertainty_sha256: str | None = None
+    input_chunks: dict[str, Any] | None = None  # per input: its 64 MiB chunk digests (service.chunk_digests)
 
     @classmethod
     def from_row(cls, row: JobRow) -> Job:
@@ -110,6 +111,7 @@ class Dataset:
     n: int
     x_shape: list[int]
     has_labels: bool
+    chunks: dict[str, Any] | None = None  # its 64 MiB chunk digests (service.chunk_digests)
 
     @classmethod
     def from_row(cls, row: DatasetRow) -> Dataset:
@@ -243,6 +245,7 @@ class JobStore:
         dataset_id: str | None = None,
         uncertainty_path: str | None = None,
         uncertainty_sha256: str | None = None,
+        input_chunks: dict[str, Any] | None = None,
     ) -> Job:
         row = JobRow(
             id=job_id,
@@ -257,6 +260,7 @@ class JobStore:
             uncertainty_sha256=uncertainty_sha256,
             model_sha256=model_sha256,
             data_sha256=data_sha256,
+            input_chunks=input_chunks,
             progress_stage=QUEUED,
             progress_done=0,
             progress_total=0,
@@ -559,10 +563,10 @@ class JobStore:
 
     def create_dataset(
         self, *, dataset_id: str, owner: str, path: str, size: int, sha256: str, n: int,
-        x_shape: list[int], has_labels: bool,
+        x_shape: list[int], has_labels: bool, chunks: dict[str, Any] | None = None,
     ) -> Dataset:
         row = DatasetRow(id=dataset_id, owner=owner, created_at=utcnow(), path=path, size=size, sha256=sha256,
-                         n=n, x_shape=list(x_shape), has_labels=has_labels)
+                         chunks=chunks, n=n, x_shape=list(x_shape), has_labels=has_labels)
         with self._session() as s:
             s.add(row)
             s.flush()

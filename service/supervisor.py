@@ -9,7 +9,8 @@ task's child on a cluster). For one run it
    read-only ``/in`` is this run's private staging folder, still empty: while the child imports
    torch and the science (and starts CUDA) — seconds — the supervisor fills that folder;
 2. links (or copies) the job's inputs into the staging folder under a temporary name, hashes them
-   there, and only then renames each to its final name; a hash that differs from the one recorded
+   there (by the 64 MiB chunk digests recorded at admission, on every core: ``service.chunk_digests``),
+   and only then renames each to its final name; a hash that differs from the one recorded
    at admission ends the run (``input_integrity_error``) — so a file changed in storage after
    admission is never used. The child's request (stdin) is written only after *every* input is
    staged and verified: the child reads nothing of /in before it has the request, so it can never
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import isolation, sandbox
+from .chunk_digests import ChunkDigests, mismatch
 
 if TYPE_CHECKING:  # SQLAlchemy: the worker imports it only once the child is started
     from .store import Claim, JobStore
@@ -70,11 +72,14 @@ CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 
 @dataclass(frozen=True)
 class Input:
-    """One file to hand over: where it is now, its name under /in, the sha256 recorded at admission."""
+    """One file to hand over: where it is now, its name under /in, the sha256 recorded at admission, and the
+    digests of its 64 MiB chunks recorded with it (None for a job admitted before they were: the sha256 is
+    checked then)."""
 
     source: Path
     name: str
     sha256: str
+    chunks: ChunkDigests | None = None
 
 
 #: Outcome statuses beyond the three final ones (only :func:`record_outcome` takes them): the run's worker
@@ -149,23 +154,33 @@ def stage_inputs(inputs: list[Input], folder: Path) -> dict[str, Path]:
         except OSError:
             shutil.copyfile(item.source, pending)
             os.chmod(pending, 0o444)
-        digest = hashlib.sha256()
-        with open(pending, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != item.sha256:
+        problem = _content_mismatch(pending, item)
+        if problem is not None:
             pending.unlink(missing_ok=True)
-            raise IntegrityError(item.name, item.sha256, digest.hexdigest())
+            raise IntegrityError(item.name, problem)
         os.replace(pending, target)
         staged[item.name] = target
     return staged
 
 
+def _content_mismatch(path: Path, item: Input) -> str | None:
+    """None when ``path`` holds exactly the bytes admitted as ``item``; else what differs. By the chunk digests
+    recorded at admission, checked on every core (``service.chunk_digests``: the same check as the sha256,
+    which they were computed beside); without them, by the whole-file sha256."""
+    if item.chunks is not None:
+        return mismatch(path, item.chunks)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    return None if actual == item.sha256 else f"sha256 {actual[:12]}… where {item.sha256[:12]}… was admitted"
+
+
 class IntegrityError(Exception):
-    def __init__(self, name: str, expected: str, actual: str) -> None:
-        super().__init__(f"The stored {name} no longer matches the sha256 recorded when it was submitted "
-                         f"({expected[:12]}… expected, {actual[:12]}… found): it was changed after admission, so the "
-                         "job was not run. Submit the job again.")
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"The stored {name} no longer matches the sha256 recorded when it was submitted ({problem}): "
+                         "it was changed after admission, so the job was not run. Submit the job again.")
 
 
 def _signal_of(returncode: int | None, sandboxed: bool) -> int | None:

@@ -57,6 +57,10 @@ class JobRow(Base):
     uncertainty_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_sha256: Mapped[str] = mapped_column(String(64))
     data_sha256: Mapped[str] = mapped_column(String(64))
+    # {"model"|"data"|"uncertainty": {"size", "chunk_bytes", "sha256": [...]}}: the inputs' 64 MiB chunk digests,
+    # recorded at admission from the same bytes as their sha256, so the supervisor re-checks them in parallel
+    # (service.chunk_digests; NULL: admitted before revision 0004, checked against the sha256 alone)
+    input_chunks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     progress_stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress_done: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
@@ -84,6 +88,7 @@ class DatasetRow(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
+    chunks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # as JobRow.input_chunks["data"]
     n: Mapped[int] = mapped_column(Integer)
     x_shape: Mapped[list[int]] = mapped_column(JSON)
     has_labels: Mapped[bool] = mapped_column(Boolean)

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from . import isolation, sandbox
+from .chunk_digests import ChunkDigests
 from .failures import classify_failure, is_disk_error, root_cause_line
 from .jsonable import jsonable
 from .settings import Settings
@@ -305,12 +306,14 @@ def _supervise(job_id: str, run_id: str, settings: Settings, store: JobStore, st
                 fail(*refusal)
                 log.info("job %s refused: %s", job_id, refusal[1])
                 return
-            inputs = [Input(Path(model_path), "model.pt", job.model_sha256),
-                      Input(Path(data_path), "data" + _data_suffix(job.data_path), job.data_sha256)]
+            chunks = {k: ChunkDigests.from_json(v) for k, v in (job.input_chunks or {}).items()}
+            inputs = [Input(Path(model_path), "model.pt", job.model_sha256, chunks.get("model")),
+                      Input(Path(data_path), "data" + _data_suffix(job.data_path), job.data_sha256,
+                            chunks.get("data"))]
             if uncertainty_path is not None:
                 # a job admitted before the store recorded its sha256 (revision 0003): hash the copy the child gets
                 inputs.append(Input(Path(uncertainty_path), "uncertainty.safetensors",
-                                    job.uncertainty_sha256 or sha256_file(uncertainty_path)))
+                                    job.uncertainty_sha256 or sha256_file(uncertainty_path), chunks.get("uncertainty")))
             child.stage(inputs)  # IntegrityError: the child never gets a request
             outcome = child.supervise(on_progress=report, should_stop=throttled_stop_check(store, job_id, run_id),
                                       config=dict(job.config))

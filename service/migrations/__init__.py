@@ -30,7 +30,7 @@ log = logging.getLogger("certiprune.migrations")
 HERE = Path(__file__).resolve().parent
 #: The newest revision in versions/. Spelled out so that opening a current store needs no Alembic
 #: import (every job's process opens one); a test checks it against Alembic's own view.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 #: One PostgreSQL advisory lock key for schema changes ("cert" in ASCII).
 ADVISORY_LOCK_KEY = 0x63657274
 

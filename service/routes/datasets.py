@@ -49,7 +49,8 @@ async def create_dataset(
                                           max_inflated_bytes=settings.max_upload_bytes)
         ds = await run_in_threadpool(
             lambda: store.create_dataset(dataset_id=dataset_id, owner=owner, path=relpath, size=stored.size,
-                                         sha256=stored.sha256, n=summary.n, x_shape=summary.x_shape,
+                                         sha256=stored.sha256, chunks=stored.chunks_json(), n=summary.n,
+                                         x_shape=summary.x_shape,
                                          has_labels=summary.has_labels)
         )
     except BaseException:

@@ -194,6 +194,7 @@ async def create_job(
 
     dataset_id: str | None = None
     unc_sha: str | None = None
+    chunks: dict[str, Any] = {}  # each input's 64 MiB chunk digests, for the supervisor's parallel re-check
     try:
         stored_model = await run_in_threadpool(save_stream, storage, model.file, f"{base}/model.pt", limit)
         await run_in_threadpool(check_model, storage, stored_model.path)
@@ -201,7 +202,7 @@ async def create_job(
         if data is not None:
             ext = data_extension(await run_in_threadpool(peek, data.file))
             stored_data = await run_in_threadpool(save_stream, storage, data.file, f"{base}/data.{ext}", limit)
-            data_path, data_sha = stored_data.path, stored_data.sha256
+            data_path, data_sha, chunks["data"] = stored_data.path, stored_data.sha256, stored_data.chunks_json()
             summary = await run_in_threadpool(check_data, storage, data_path,
                                               max_inflated_bytes=settings.max_upload_bytes)
         elif dataset and dataset.startswith("ds_"):
@@ -209,13 +210,13 @@ async def create_job(
             if ds is None:
                 raise ApiError(404, "dataset_not_found",
                                f"No dataset {dataset!r} (it does not exist or belongs to another API key).")
-            dataset_id, data_path, data_sha = ds.id, ds.path, ds.sha256
+            dataset_id, data_path, data_sha, chunks["data"] = ds.id, ds.path, ds.sha256, ds.chunks
             summary = DataSummary(n=ds.n, x_shape=ds.x_shape, has_labels=ds.has_labels)
         else:
             assert dataset is not None
             stored_data = await run_in_threadpool(copy_dataset_uri, storage, dataset, f"{base}/data", limit,
                                                   settings.allowed_dataset_roots)
-            data_path, data_sha = stored_data.path, stored_data.sha256
+            data_path, data_sha, chunks["data"] = stored_data.path, stored_data.sha256, stored_data.chunks_json()
             summary = await run_in_threadpool(check_data, storage, data_path,
                                               max_inflated_bytes=settings.max_upload_bytes)
         check_labels_for_risk(cfg, summary)
@@ -226,13 +227,16 @@ async def create_job(
             stored_unc = await run_in_threadpool(save_stream, storage, uncertainty.file,
                                                  f"{base}/uncertainty.safetensors", limit)
             await run_in_threadpool(check_uncertainty, storage, stored_unc.path)
-            uncertainty_path, unc_sha = stored_unc.path, stored_unc.sha256
+            uncertainty_path, unc_sha, chunks["uncertainty"] = stored_unc.path, stored_unc.sha256, \
+                stored_unc.chunks_json()
+        chunks["model"] = stored_model.chunks_json()
 
         job = await run_in_threadpool(
             lambda: store.create(job_id=job_id, owner=owner, config=cfg.to_dict(), model_path=stored_model.path,
                                  data_path=data_path, model_sha256=stored_model.sha256, data_sha256=data_sha,
                                  dataset_id=dataset_id, uncertainty_path=uncertainty_path,
-                                 uncertainty_sha256=unc_sha)
+                                 uncertainty_sha256=unc_sha,
+                                 input_chunks={k: v for k, v in chunks.items() if v is not None} or None)
         )
     except IntegrityError:
         await run_in_threadpool(_remove_request_files, storage, base, job_folder)

@@ -24,6 +24,7 @@ import pytest
 from service_harness import FAST_CONFIG, KEY_A, KEY_B, REPO, Inputs, Server, assert_error, submit, wait_terminal
 
 from service import isolation, sandbox
+from service.store import JobStore
 from service.supervisor import ChildSpec, Input, run_child
 
 pytestmark = [pytest.mark.timeout(300),
@@ -217,6 +218,19 @@ def test_a_stored_input_changed_after_admission_is_never_used(
             assert done["status"] == "failed" and done["error"]["code"] == "input_integrity_error", done
             assert "no longer matches the sha256" in done["error"]["message"]
             assert_error(a.get(f"/v1/jobs/{job['id']}/artifact"), 409)
+        # It was caught by the chunk digests recorded at admission (the parallel re-check), which are the
+        # admitted bytes' own: the job took its dataset's, and both are the original file's slices.
+        store = JobStore.from_url(f"sqlite:///{server.data_dir / 'certiprune.db'}")
+        try:
+            recorded = store.get(job_id=job["id"]).input_chunks
+            ds_chunks = store.get_dataset(dataset_id=ds["id"]).chunks
+        finally:
+            store.close()
+        chunk = recorded["data"]["chunk_bytes"]
+        assert recorded["data"] == ds_chunks == {
+            "size": len(original), "chunk_bytes": chunk,
+            "sha256": [hashlib.sha256(original[o:o + chunk]).hexdigest() for o in range(0, len(original), chunk)]}
+        assert recorded["model"]["sha256"] == [hashlib.sha256(inputs.model.read_bytes()).hexdigest()]
     finally:
         stored.write_bytes(original)
     with server.client(KEY_A) as a:  # restored: the same certificate as before

@@ -182,8 +182,8 @@ def test_placement_is_recorded_only_by_the_current_run(store: JobStore) -> None:
 
 
 def test_a_store_at_an_older_revision_is_upgraded_in_place(store_url: str) -> None:
-    """0001 → head (the fair-claims index, then the uncertainty file's sha256) on a database that already holds a
-    job, which survives."""
+    """0001 → head (the fair-claims index, the uncertainty file's sha256, the inputs' chunk digests) on a database
+    that already holds a job, which survives."""
     engine = make_engine(store_url)
     upgrade(engine, "0001")
     assert current_revision(engine) == "0001"
@@ -197,11 +197,14 @@ def test_a_store_at_an_older_revision_is_upgraded_in_place(store_url: str) -> No
             model_path="m", data_path="d", model_sha256="0" * 64, data_sha256="1" * 64, progress_done=0,
             progress_total=0, cancel_requested=False, attempts=0))
     store = JobStore.from_url(store_url)
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     with engine.connect() as conn:
         assert schema_diff(conn) == []
-        assert "uncertainty_sha256" in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
-    assert store.get(job_id=job_id).uncertainty_sha256 is None  # admitted before 0003: hashed when it runs
+        assert {"uncertainty_sha256", "input_chunks"} <= {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+        assert "chunks" in {c["name"] for c in sa.inspect(conn).get_columns("datasets")}
+    old = store.get(job_id=job_id)
+    assert old.uncertainty_sha256 is None  # admitted before 0003: hashed when it runs
+    assert old.input_chunks is None  # admitted before 0004: checked against the whole-file sha256
     assert store.claim_next(worker_id="w").job_id == job_id
     store.close()
     engine.dispose()
