@@ -66,3 +66,27 @@ def test_a_member_cut_short_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:  # the size check before any read names the problem too
         _read_npz(path)
     assert exc.value.code == "data_malformed" and "truncated" in str(exc.value)
+
+
+def test_a_member_larger_than_one_piece_is_read_over_threads_exactly(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members past one 64 MiB piece are read in pieces over threads; with small pieces, an array of a few MB
+    is split into many, and the bytes must land in order (the thread count is what this machine allows)."""
+    from calibration import data
+
+    monkeypatch.setattr(data, "PARALLEL_PIECE_BYTES", 1 << 16)
+    monkeypatch.setattr(data, "_io_threads", lambda nbytes: 4)  # pieces over 4 threads even on one CPU
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((301, 3, 41, 37)).astype(np.float32)  # 5.5 MB: 84 pieces, the last one short
+    path = tmp_path / "big.npz"
+    np.savez(path, x=x, y=rng.integers(0, 10, 301))
+    assert same(_read_stored_members(path), numpy_reads(path))
+    assert data._all_finite(x)
+    for at in (0, x.size // 2, x.size - 1):  # a non-finite value in the first, a middle and the last piece
+        bad = x.copy().reshape(-1)
+        bad[at] = np.nan if at else np.inf
+        assert not data._all_finite(bad.reshape(x.shape))
+        np.savez(path, x=bad.reshape(x.shape), y=rng.integers(0, 10, 301))
+        with pytest.raises(DataError) as exc:
+            data.load_calibration(path)
+        assert exc.value.code == "data_not_finite" and "1 sample(s)" in str(exc.value)
