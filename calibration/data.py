@@ -178,6 +178,22 @@ def _all_finite(x: np.ndarray) -> bool:
         return all(pool.map(lambda a: bool(np.isfinite(flat[a:a + step]).all()), range(0, flat.size, step)))
 
 
+def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``a[rows]`` (a contiguous copy), in blocks of rows over threads for a large array: gathering a 1.2 GB
+    calibration set's splits took 0.36 s on one core of an H200 host, 0.11 s over 16 (bench/io_parallel.py)."""
+    threads = _io_threads(a.nbytes)
+    if threads == 1 or a.ndim == 0 or rows.size < 2 * threads:
+        return np.ascontiguousarray(a[rows])
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty((rows.size, *a.shape[1:]), dtype=a.dtype)
+    bounds = np.linspace(0, rows.size, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads, thread_name_prefix="certiprune-gather") as pool:
+        list(pool.map(lambda i: np.take(a, rows[bounds[i]:bounds[i + 1]], axis=0, out=out[bounds[i]:bounds[i + 1]]),
+                      range(threads)))
+    return out
+
+
 def _read_stored_members(path: Path) -> dict[str, np.ndarray]:
     """The arrays of the .npz's uncompressed (``np.savez``) members, each read straight into its array.
 

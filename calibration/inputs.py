@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .data import take_rows
 from .errors import ModelError
 from .signature import match_inputs
 
@@ -130,7 +131,7 @@ def bind_inputs(module: torch.nn.Module, names: Sequence[str]) -> list[str]:
 
 def gather(inputs: dict[str, np.ndarray], order: Sequence[str], rows: np.ndarray) -> Any:
     """The host tensors of ``rows``: one tensor, or :class:`ModelInputs` in call ``order``."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n][rows])) for n in order]
+    tensors = [torch.from_numpy(take_rows(inputs[n], rows)) for n in order]
     if len(tensors) == 1:
         return tensors[0]
     return ModelInputs(order, tensors)

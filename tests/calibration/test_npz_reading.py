@@ -90,3 +90,17 @@ def test_a_member_larger_than_one_piece_is_read_over_threads_exactly(tmp_path: P
         with pytest.raises(DataError) as exc:
             data.load_calibration(path)
         assert exc.value.code == "data_not_finite" and "1 sample(s)" in str(exc.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.bool_])
+def test_rows_are_gathered_over_threads_exactly(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    """``take_rows`` in blocks over threads equals numpy's ``a[rows]``: any order, repeats, every dtype."""
+    from calibration import data
+
+    monkeypatch.setattr(data, "_io_threads", lambda nbytes: 5)
+    rng = np.random.default_rng(3)
+    a = (rng.random((203, 4, 6)) * 50).astype(dtype)
+    for rows in (rng.permutation(203), np.sort(rng.choice(203, 57, replace=False)), rng.integers(0, 203, 300),
+                 np.arange(7)):
+        got = data.take_rows(a, rows)
+        assert got.dtype == a.dtype and got.flags.c_contiguous and np.array_equal(got, a[rows])

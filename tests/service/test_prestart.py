@@ -166,8 +166,16 @@ def test_a_busy_gpu_slot_starts_the_next_jobs_worker_while_its_job_runs(make_ser
         ahead = server.idle_workers(timeout=60)
         assert len(ahead) == 1, "no worker was started ahead behind the running job"
         assert c.get(f"/v1/jobs/{spins}").json()["status"] == "running"  # its forward never returns
-        waiting = [f for f in standby_folders(server) if (f / "in").is_dir() and not any((f / "in").iterdir())]
-        assert len(waiting) == 1, waiting  # the running job's folder holds its inputs; the next one's is empty
+        # The running job's folder holds its inputs once staged; the next one's /in exists and is empty once its
+        # worker has made it (both are moments after the claim and the idle process name: wait for them).
+        deadline = time.monotonic() + 60
+        while True:
+            folders = [f for f in standby_folders(server) if (f / "in").is_dir()]
+            waiting = [f for f in folders if not any((f / "in").iterdir())]
+            if (len(waiting) == 1 and len(folders) == 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(waiting) == 1 and len(folders) == 2, folders
         wait_child_ready(waiting[0])  # its child imported torch and started CUDA beside the running job
         nxt = submit(c, inputs.model, data=inputs.data, config={**FAST_CONFIG, "device": "cuda"}).json()["id"]
         time.sleep(1.0)
