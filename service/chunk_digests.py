@@ -59,7 +59,7 @@ class StreamChunkHasher:
     """Hashes the bytes fed to it per chunk, in a helper thread, while the caller does its own work with them.
 
     Feed every piece of the stream in order with :meth:`update` (``bytes``: immutable, so the thread may read
-    them later), then :meth:`finish`. Used as a context manager, so an upload that fails stops the thread."""
+    them later), then :meth:`result`. Used as a context manager, so an upload that fails stops the thread."""
 
     def __init__(self, chunk_bytes: int = CHUNK_BYTES, max_pending: int = 64) -> None:
         self.chunk_bytes = chunk_bytes
@@ -84,7 +84,7 @@ class StreamChunkHasher:
                         digest, filled = hashlib.sha256(), 0
             if filled:
                 self._digests.append(digest.hexdigest())
-        except BaseException as exc:  # noqa: BLE001 - handed to finish()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
             self._error = exc
             while self._pending.get() is not None:  # let the feeder finish
                 pass
@@ -94,7 +94,7 @@ class StreamChunkHasher:
             self.size += len(data)
             self._pending.put(bytes(data))
 
-    def finish(self) -> ChunkDigests:
+    def result(self) -> ChunkDigests:
         self._pending.put(None)
         self._thread.join()
         if self._error is not None:

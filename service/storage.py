@@ -151,7 +151,7 @@ class Storage:
                 try:
                     with upload:
                         copy(upload)
-                    digests = chunks.finish()
+                    digests = chunks.result()
                     upload.commit()
                 except BaseException:
                     upload.discard()  # abort the multipart upload: nothing appears, an older object stays
@@ -162,7 +162,7 @@ class Storage:
             try:
                 with self.fs.open(tmp, "wb") as out:
                     copy(out)
-                digests = chunks.finish()
+                digests = chunks.result()
                 self.fs.mv(tmp, target)
             except BaseException:
                 self._remove_quietly(tmp)

@@ -30,7 +30,7 @@ def test_stream_digests_are_the_slices_own_whatever_the_pieces(size: int, piece:
     with StreamChunkHasher(chunk_bytes=1000) as hasher:
         for o in range(0, size, piece):
             hasher.update(data[o:o + piece])
-        got = hasher.finish()
+        got = hasher.result()
     assert got == ChunkDigests(size, 1000, tuple(slices_sha256(data, 1000)))
     assert len(got.sha256) == -(-size // 1000)
 
