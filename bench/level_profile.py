@@ -87,6 +87,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--strict-chooser", action="store_true",
+                   help="the BN chooser's passes in the job's precision (no TF32 in an fp32 job: the code before)")
     p.add_argument("--out", help="write the totals and the job's timings here as JSON")
     args = p.parse_args()
 
@@ -96,14 +98,20 @@ def main() -> int:
         folder = Path(tmp)
         meta = make_inputs(folder, args.size, args.n, args.device, args.arch)
         instrument()
-        from calibration import certify
+        from calibration import certify, engine
+
+        if args.strict_chooser:
+            engine.chooser_math = lambda precision, device: None
 
         config = {"device": args.device, "precision": args.precision, "sparsities": GRID, "full_curve": True,
                   "epsilon": 0.05, "batch_size": 500}
         t = time.perf_counter()
         cert = certify(folder / "model.pt", folder / "data.npz", config, out=folder / "artifact.pt")
         wall = time.perf_counter() - t
-    timings = cert.to_dict().get("timings", {}) if hasattr(cert, "to_dict") else {}
+    result = cert.result
+    timings = result.get("timings", {})
+    levels = [(lvl["sparsity"], (lvl.get("bn_statistics") or "-"), lvl["empirical_risk"]) for lvl in result["levels"]]
+    print("levels (sparsity, BN statistics chosen, empirical risk):", levels)
     rows = sorted(TOTALS.items(), key=lambda kv: kv[0])
     print(f"\n{args.arch} {args.size}², n = {args.n}, {len(GRID)} levels, {args.precision} on {args.device}: "
           f"certify {wall:.2f} s (testing_s {timings.get('testing_s', float('nan')):.2f}, "
@@ -114,7 +122,8 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": {**meta, **vars(args), "certify_s": wall},
                                               "steps": {k: {"s": v[0], "calls": v[1]} for k, v in rows},
-                                              "timings": timings}, indent=1))
+                                              "timings": timings, "levels": levels,
+                                              "bn_statistics": result.get("bn_statistics")}, indent=1))
     return 0
 
 

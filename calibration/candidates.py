@@ -18,14 +18,22 @@ blended on the whole of D_tune. Where the dense outputs of the check half are to
 language model's (N, T, V)), the job's own risk on top-1 predictions scores them instead. It is still
 a function of D_tune alone, so the guarantee is unchanged; each level reports what it chose.
 
+The chooser's passes may run in faster math than the test (``math``): in an fp32 job on CUDA the engine runs
+them with TF32 convolutions and matmuls (``engine.chooser_math``). On an H200 they were half of a ResNet-50 job's
+level time in strict fp32 (7.7 of 15.4 s, ``bench/level_profile.py``). What TF32 changes is the candidate's BN
+statistics and the choice, by far less than the sampling noise of a few hundred tuning samples; they are still
+computed from D_tune alone before D_cal is looked at, and the candidate is then tested in the job's own
+precision — so the guarantee is the same, for the candidate as built (the artifact, bit for bit).
+
 The artifact is exactly the tested candidate: ``snapshot`` copies what ``build`` changed (the
 prunable weights and the BN statistics) and ``load`` puts it back, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -60,11 +68,14 @@ class BatchNormChooser:
                  forward: Callable[[Any], Any], momentum: float | None,
                  check_risk: Callable[[np.ndarray, np.ndarray], float] | None,
                  predict: Callable[[Any], np.ndarray],
-                 log_probs: Callable[[Any], torch.Tensor | None] | None = None) -> None:
+                 log_probs: Callable[[Any], torch.Tensor | None] | None = None,
+                 math: tuple[str, Callable[[], ContextManager[Any]]] | None = None) -> None:
         """``check_risk(rows, preds)``: the job's risk of the predictions ``preds`` on D_tune rows ``rows``;
         None: no choice, always re-estimate on the whole of D_tune (the historical behaviour).
-        ``log_probs(x)``: the live module's log-softmax outputs on ``x`` (None when too large to keep)."""
+        ``log_probs(x)``: the live module's log-softmax outputs on ``x`` (None when too large to keep).
+        ``math``: (its name, a context) the chooser's passes run in, when not the job's own precision."""
         self.module = module
+        self.math_name, self._math = math if math is not None else (None, contextlib.nullcontext)
         self.x_tune = x_tune
         self.batch_size = batch_size
         self.forward = forward
@@ -79,7 +90,8 @@ class BatchNormChooser:
             self.x_est = x_tune[torch.from_numpy(self.est_rows).to(x_tune.device)]
             self.x_chk = x_tune[torch.from_numpy(self.chk_rows).to(x_tune.device)]
         self.log_probs = log_probs
-        self.dense_log_probs = log_probs(self.x_chk) if self.choosing and log_probs is not None else None
+        with self._math():
+            self.dense_log_probs = log_probs(self.x_chk) if self.choosing and log_probs is not None else None
         self.dense = batchnorm.snapshot(module)
         self.available = True  # False once the graph turns out to ignore train mode
         self.chosen: dict[str, int] = {c: 0 for c in BN_CHOICES}
@@ -93,6 +105,10 @@ class BatchNormChooser:
 
     def apply(self) -> dict[str, Any]:
         """Set the live module's BN statistics for the candidate as it is now; what was chosen and why."""
+        with self._math():
+            return self._apply()
+
+    def _apply(self) -> dict[str, Any]:
         if not self.available:
             return {"bn_statistics": "dense"}
         if not self.choosing:
@@ -130,6 +146,7 @@ class BatchNormChooser:
 
     def summary(self) -> dict[str, Any]:
         return {"mode": "choose" if self.choosing else "reestimate",
+                **({"math": self.math_name} if self.math_name else {}),
                 "check": ("KL divergence to the dense outputs" if self.dense_log_probs is not None
                           else "the job's risk") if self.choosing else None,
                 "chosen": dict(self.chosen),

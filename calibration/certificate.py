@@ -268,9 +268,9 @@ def method_label(criterion: str, cfg: Any, *, reconstructed: bool | tuple[int, i
     elif reconstructed:
         parts.append("weights reconstructed on the tuning split")
     if bn is not None:
-        parts.append("BatchNorm statistics re-estimated on the tuning split" if bn["mode"] == "reestimate" else
-                     "BatchNorm statistics per level the better of dense, re-estimated and blended on a held-out "
-                     "half of the tuning split")
+        parts.append(("BatchNorm statistics re-estimated on the tuning split" if bn["mode"] == "reestimate" else
+                      "BatchNorm statistics per level the better of dense, re-estimated and blended on a held-out "
+                      "half of the tuning split") + (f" (in {bn['math'].upper()} math)" if bn.get("math") else ""))
     if finetune is not None:
         parts.append(f"kept weights fine-tuned for up to {finetune['steps']} steps on the tuning split "
                      + ("per level, each level continuing from the one below it " if finetune.get("chain") else "")

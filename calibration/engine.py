@@ -81,6 +81,23 @@ def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
 
 
+@contextlib.contextmanager
+def tf32_math() -> Iterator[None]:
+    """TF32 convolutions and matmuls on CUDA for a while (then the flags as they were)."""
+    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+
+
+def chooser_math(precision: str, device: torch.device) -> tuple[str, Callable[[], Any]] | None:
+    """The math of the BN chooser's passes (``candidates.BatchNormChooser``): TF32 in an fp32 job on CUDA — they
+    build the candidate from D_tune and are not the test, which stays in fp32 — else the job's own precision."""
+    return ("tf32", tf32_math) if precision == "fp32" and device.type == "cuda" else None
+
+
 @torch.no_grad()
 def predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int,
             should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
@@ -201,7 +218,9 @@ def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list
         bn = BatchNormChooser(module, x_tune, cfg.batch_size, seed=cfg.seed, forward=bn_forward,
                               momentum=None if train_forward is None else 1.0,
                               check_risk=check_risk if cfg.bn_statistics == "choose" else None,
-                              predict=lambda x: predictor.predict(x).cpu().numpy(), log_probs=log_probs)
+                              predict=lambda x: predictor.predict(x).cpu().numpy(), log_probs=log_probs,
+                              math=chooser_math(effective_precision(cfg.precision, predictor.device),
+                                                predictor.device))
     finetuner = None
     if cfg.finetune is not None:
         loss = cfg.finetune.resolved_loss(risk in LABELLED_RISKS, y_tune is not None)

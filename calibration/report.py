@@ -18,11 +18,13 @@ def candidate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     bn = result.get("bn_statistics")
     if isinstance(bn, dict) and isinstance(bn.get("chosen"), dict):
         chosen = ", ".join(f"{k} {v}" for k, v in bn["chosen"].items() if isinstance(v, int) and v)
+        math = f"; built in {bn['math'].upper()} math" if isinstance(bn.get("math"), str) else ""
         if bn.get("mode") == "choose":
             rows.append(("BN statistics", f"per level, the better on a held-out half of the tuning split "
-                                          f"({bn.get('n_check', '?')} samples): {chosen or 'no level built'}"))
+                                          f"({bn.get('n_check', '?')} samples): {chosen or 'no level built'}{math}"))
         else:
-            rows.append(("BN statistics", f"re-estimated on the tuning split at every level ({chosen or 'none'})"))
+            rows.append(("BN statistics", f"re-estimated on the tuning split at every level ({chosen or 'none'})"
+                                          f"{math}"))
     ft = result.get("finetune")
     if isinstance(ft, dict):
         rows.append(("fine-tuning", f"up to {ft.get('steps')} steps per level"

@@ -141,3 +141,67 @@ def test_evaluate_level_on_tune_reproduces_the_plan(files):
                                 with_p_value=False).empirical_risk for j in plan["tune_evaluated"]]
     assert risks == plan["tune_risks"]
     assert np.all(np.diff(plan["sequence"]) > 0)
+
+
+def test_chooser_math_is_tf32_only_for_fp32_on_cuda_and_restores_the_flags():
+    import torch
+
+    from calibration.engine import chooser_math, tf32_math
+
+    assert chooser_math("fp32", torch.device("cpu")) is None
+    assert chooser_math("bf16", torch.device("cuda")) is None and chooser_math("tf32", torch.device("cuda")) is None
+    name, math = chooser_math("fp32", torch.device("cuda"))
+    assert name == "tf32" and math is tf32_math
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with pytest.raises(RuntimeError):
+            with tf32_math():
+                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                raise RuntimeError("a pass that fails")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_on_cpu_the_chooser_reports_no_other_math(files):
+    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID}).result
+    assert r["bn_statistics"]["mode"] == "choose" and "math" not in r["bn_statistics"]
+    from calibration.report import candidate_rows
+
+    (row,) = candidate_rows(r)
+    assert row[0] == "BN statistics" and "math" not in row[1]
+    (row,) = candidate_rows({**r, "bn_statistics": {**r["bn_statistics"], "math": "tf32"}})
+    assert row[1].endswith("; built in TF32 math")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_an_fp32_job_on_cuda_builds_in_tf32_and_tests_in_fp32(files, monkeypatch):
+    """The chooser's passes (checks, re-estimation) see TF32 on; every pass over D_cal sees it off (spies: the
+    real passes run)."""
+    import torch
+
+    from calibration import candidates, levels
+
+    chooser: set[tuple[bool, bool]] = set()
+    passes: list[tuple[int, tuple[bool, bool]]] = []  # (rows, flags) of every predict
+    real_apply, real_predict = candidates.BatchNormChooser._apply, levels.Predictor.predict
+
+    def flags() -> tuple[bool, bool]:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def apply(self):
+        chooser.add(flags())
+        return real_apply(self)
+
+    def predict(self, x, *a, **k):
+        passes.append((int(x.shape[0]), flags()))
+        return real_predict(self, x, *a, **k)
+
+    monkeypatch.setattr(candidates.BatchNormChooser, "_apply", apply)
+    monkeypatch.setattr(levels.Predictor, "predict", predict)
+    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID,
+                                                  "device": "cuda", "tune_fraction": 0.25}).result
+    assert r["precision"] == "fp32" and r["bn_statistics"]["math"] == "tf32"
+    test_passes = {f for rows, f in passes if rows == r["n_calibration"]}
+    assert chooser == {(True, True)} and test_passes == {(False, False)}, (chooser, passes)
