@@ -165,7 +165,8 @@ def test_chooser_math_is_tf32_only_for_fp32_on_cuda_and_restores_the_flags():
 
 
 def test_on_cpu_the_chooser_reports_no_other_math(files):
-    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID}).result
+    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID,
+                                                  "device": "cpu"}).result
     assert r["bn_statistics"]["mode"] == "choose" and "math" not in r["bn_statistics"]
     from calibration.report import candidate_rows
 
