@@ -62,7 +62,7 @@ from _models import SPECS, build, calibrate, prunable_modules, torchvision_avail
 from calibration import certify  # noqa: E402
 from calibration.candidates import CandidateBuilder  # noqa: E402
 from calibration.data import CalibrationSet  # noqa: E402
-from calibration.engine import evaluation_precision  # noqa: E402
+from calibration.engine import evaluation_precision, tf32_flags  # noqa: E402
 from calibration.fast_eval import Predictor  # noqa: E402
 from calibration.levels import Candidates, LevelData, LevelTest, evaluate_level  # noqa: E402
 from calibration.masks import NestedMasks  # noqa: E402
@@ -103,14 +103,7 @@ def free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+tf32 = tf32_flags  # TF32 on or off for a while (calibration.engine)
 
 
 # ----------------------------------------------------------------------------- ceilings

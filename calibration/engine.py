@@ -64,12 +64,20 @@ ProgressFn = Callable[[Progress], None]
 
 
 @contextlib.contextmanager
+def tf32_flags(enabled: bool) -> Iterator[None]:
+    """TF32 convolutions and matmuls on CUDA on or off for a while (then the flags as they were)."""
+    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+
+
+@contextlib.contextmanager
 def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Evaluate in the precision the artifact will run at; fp32 (exact) unless asked otherwise."""
-    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
+    with tf32_flags(precision == "tf32"):
         if precision in ("bf16", "fp16") and device.type == "cuda":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
             # No weight-cast cache: weights change in place between levels.
@@ -77,19 +85,11 @@ def evaluation_precision(precision: str, device: torch.device) -> Iterator[None]
                 yield
         else:
             yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
 
 
-@contextlib.contextmanager
-def tf32_math() -> Iterator[None]:
-    """TF32 convolutions and matmuls on CUDA for a while (then the flags as they were)."""
-    old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
+def tf32_math() -> contextlib.AbstractContextManager[None]:
+    """TF32 on for a while: the BN chooser's math in an fp32 job on CUDA."""
+    return tf32_flags(True)
 
 
 def chooser_math(precision: str, device: torch.device) -> tuple[str, Callable[[], Any]] | None:
