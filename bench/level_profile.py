@@ -77,6 +77,7 @@ def instrument() -> None:
     timed(levels, "p_value", "level: p-value")
     timed(levels, "upper_confidence_bound", "level: upper bound")
     timed(candidates.CandidateBuilder, "snapshot", "level: keep candidate (to host)")
+    timed(candidates.Finetuner, "run", "level: fine-tune")
     timed(grid, "evaluate_level", "level: evaluate, all of it")
 
 
@@ -87,8 +88,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--strict-chooser", action="store_true",
-                   help="the BN chooser's passes in the job's precision (no TF32 in an fp32 job: the code before)")
+    p.add_argument("--strict-candidates", action="store_true",
+                   help="build candidates in the job's precision (no TF32 for the BN chooser of an fp32 job, nor "
+                        "for fine-tuning: the code before)")
+    p.add_argument("--finetune", type=int, default=0, help="fine-tune every level for this many steps (0: off)")
     p.add_argument("--out", help="write the totals and the job's timings here as JSON")
     args = p.parse_args()
 
@@ -100,11 +103,12 @@ def main() -> int:
         instrument()
         from calibration import certify, engine
 
-        if args.strict_chooser:
+        if args.strict_candidates:
             engine.chooser_math = lambda precision, device: None
+            engine.finetune_math = lambda device: None
 
         config = {"device": args.device, "precision": args.precision, "sparsities": GRID, "full_curve": True,
-                  "epsilon": 0.05, "batch_size": 500}
+                  "epsilon": 0.05, "batch_size": 500, **({"finetune": args.finetune} if args.finetune else {})}
         t = time.perf_counter()
         cert = certify(folder / "model.pt", folder / "data.npz", config, out=folder / "artifact.pt")
         wall = time.perf_counter() - t

@@ -92,6 +92,12 @@ def tf32_math() -> contextlib.AbstractContextManager[None]:
     return tf32_flags(True)
 
 
+def finetune_math(device: torch.device) -> tuple[str, Callable[[], Any]] | None:
+    """The math of fine-tuning (``finetune.Finetuner``, fp32 with autocast off in every job): TF32 on CUDA — it
+    builds the candidate from D_tune and is not the test — else fp32."""
+    return ("tf32", tf32_math) if device.type == "cuda" else None
+
+
 def chooser_math(precision: str, device: torch.device) -> tuple[str, Callable[[], Any]] | None:
     """The math of the BN chooser's passes (``candidates.BatchNormChooser``): TF32 in an fp32 job on CUDA — they
     build the candidate from D_tune and are not the test, which stays in fp32 — else the job's own precision."""
@@ -231,7 +237,8 @@ def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list
         position_mask = None if mask_tune is None else torch.from_numpy(np.asarray(mask_tune)).to(params[0].device)
         targets = dense_targets(module, x_tune, cfg.batch_size, cfg.output, loss=loss, labels=y_tune,
                                 position_mask=position_mask)
-        finetuner = Finetuner(module, params, x_tune, targets, cfg.finetune, seed=cfg.seed, output=cfg.output)
+        finetuner = Finetuner(module, params, x_tune, targets, cfg.finetune, seed=cfg.seed, output=cfg.output,
+                              math=finetune_math(predictor.device))
     return CandidateBuilder(module, params, originals=originals, reconstructor=reconstructor, bn=bn,
                             finetuner=finetuner)
 

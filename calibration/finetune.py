@@ -30,6 +30,10 @@ models of any scale (a 64-256-256-10 MLP on digits pruned to 95 % recovered from
 accuracy with 200 steps, relative lr 0.01–0.02). Gradients of pruned weights are zeroed before
 each step and the mask is re-applied after it, so pruned weights stay exactly zero.
 
+Math: fp32 weights and loss, whatever the evaluation precision (fp16 autocast would need loss scaling); on
+CUDA with TF32 convolutions and matmuls (``math``, from ``engine.finetune_math``), as training usually runs:
+fine-tuning builds the candidate from D_tune and is not the test, which keeps the job's own precision.
+
 Determinism: the mini-batches come from a CPU generator seeded by (job seed, level index), so a
 level's candidate is the same whenever it is built; the engine nevertheless keeps the tested weights
 and writes exactly those into the artifact (GPU kernels need not be bit-reproducible).
@@ -37,9 +41,10 @@ and writes exactly those into the artifact (GPU kernels need not be bit-reproduc
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -129,8 +134,11 @@ class Finetuner:
     """
 
     def __init__(self, module: torch.nn.Module, params: list[torch.Tensor], x_tune: Any, targets: Targets,
-                 cfg: FinetuneConfig, *, seed: int, output: int | str | None = None) -> None:
+                 cfg: FinetuneConfig, *, seed: int, output: int | str | None = None,
+                 math: tuple[str, Callable[[], ContextManager[Any]]] | None = None) -> None:
+        """``math``: (its name, a context) the training runs in, when not the job's own precision."""
         self.module = module
+        self.math_name, self._math = math if math is not None else (None, contextlib.nullcontext)
         self.params = params
         self.x_tune = x_tune
         self.targets = targets
@@ -163,6 +171,10 @@ class Finetuner:
 
     def run(self, keep_masks: list[torch.Tensor], level: int) -> None:
         """Train the kept weights (whatever the live weights are now: masked, maybe reconstructed)."""
+        with self._math():
+            self._run(keep_masks, level)
+
+    def _run(self, keep_masks: list[torch.Tensor], level: int) -> None:
         n = int(self.fit_rows.numel())
         steps = int(self.cfg.steps)
         if n == 0 or steps == 0:
@@ -221,6 +233,7 @@ class Finetuner:
                 "optimizer": "Adam, per-layer lr = lr × RMS(dense weights), cosine decay to 0",
                 "trained": "prunable weights (mask fixed); biases, norms, embeddings unchanged",
                 "n_train": int(self.fit_rows.numel()), "n_held_out": int(self.hold_rows.numel()),
+                **({"math": self.math_name} if self.math_name else {}),
                 "kept": ("per level, the weights after the step with the lowest loss on the held-out part of "
                          "D_tune (0: the masked candidate)" if self.hold_rows.numel() else "the last step")}
 

@@ -206,3 +206,31 @@ def test_an_fp32_job_on_cuda_builds_in_tf32_and_tests_in_fp32(files, monkeypatch
     assert r["precision"] == "fp32" and r["bn_statistics"]["math"] == "tf32"
     test_passes = {f for rows, f in passes if rows == r["n_calibration"]}
     assert chooser == {(True, True)} and test_passes == {(False, False)}, (chooser, passes)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fine_tuning_on_cuda_trains_in_tf32_whatever_the_precision(files, monkeypatch, precision):
+    import torch
+
+    from calibration import finetune
+
+    seen: set[tuple[bool, bool]] = set()
+    real_run = finetune.Finetuner._run
+
+    def run(self, *a, **k):
+        seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(finetune.Finetuner, "_run", run)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID,
+                                                  "device": "cuda", "precision": precision, "finetune": 5}).result
+    assert r["finetune"]["math"] == "tf32" and seen == {(True, True)}, (r["finetune"], seen)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # as they were
+
+
+def test_on_cpu_fine_tuning_reports_no_other_math(files):
+    r = certify(files["cnn"], files["data_img"], {"epsilon": 0.05, "delta": 0.1, "sparsities": GRID,
+                                                  "device": "cpu", "finetune": 5}).result
+    assert r["finetune"]["steps"] == 5 and "math" not in r["finetune"]
