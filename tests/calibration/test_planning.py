@@ -53,3 +53,28 @@ def test_accuracy_drop_with_every_bound(bound: str) -> None:
     for bigger in (m, int(m * 1.5), 2 * m):
         assert p_value(bound, "accuracy_drop", np.resize(d, bigger), 0.1) <= 0.1
     assert p_value(bound, "accuracy_drop", np.resize(d, int(m / 1.05)), 0.1) > 0.1
+
+
+@pytest.mark.parametrize(("n", "b", "c", "eps", "alpha"), [(600, 9, 2, 0.02, 0.1), (800, 24, 6, 0.03, 0.05),
+                                                            (500, 4, 0, 0.015, 0.1)])
+def test_paired_exact_estimate_is_a_size_the_paired_test_rejects_at(n: int, b: int, c: int, eps: float,
+                                                                         alpha: float) -> None:
+    """paired_exact: at the estimate m, the paired test's own p-value (the rigorous decision, not the quick
+    region the search uses) on the counts scaled to m is ≤ α, where at n it was not (the level was not
+    certified); m is within 3× of the normal approximation's size; an observed risk above ε gets no estimate."""
+    from calibration.paired_test import paired_exact_p_value
+
+    losses = np.zeros(n, dtype=np.int8)
+    losses[:b], losses[b:b + c] = 1, -1
+    assert paired_exact_p_value(b, c, n, eps, alpha) > alpha
+    m = samples_needed("paired_exact", "accuracy_drop", losses, eps, alpha)
+    assert m is not None and m > n
+    bm, cm = round(b / n * m), round(c / n * m)
+    assert paired_exact_p_value(bm, cm, m, eps, alpha) <= alpha
+    # the one-sided normal approximation of the same test says m is not absurdly large either
+    z = stats.norm.ppf(alpha)
+    gap, pc = eps - (b - c) / n, c / n
+    assert m <= 3 * z * z * (2 * pc + eps) / gap ** 2 + n
+    risky = np.zeros(n, dtype=np.int8)
+    risky[: int(eps * n) + 3] = 1
+    assert samples_needed("paired_exact", "accuracy_drop", risky, eps, alpha) is None
