@@ -225,8 +225,7 @@ def _candidate_builder(cfg: CertifyConfig, module: torch.nn.Module, params: list
                               momentum=None if train_forward is None else 1.0,
                               check_risk=check_risk if cfg.bn_statistics == "choose" else None,
                               predict=lambda x: predictor.predict(x).cpu().numpy(), log_probs=log_probs,
-                              math=chooser_math(effective_precision(cfg.precision, predictor.device),
-                                                predictor.device))
+                              math=chooser_math(cfg.precision, predictor.device))
     finetuner = None
     if cfg.finetune is not None:
         loss = cfg.finetune.resolved_loss(risk in LABELLED_RISKS, y_tune is not None)

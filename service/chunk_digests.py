@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .sandbox import usable_cpus
+
 CHUNK_BYTES = 64 << 20
 READ_BYTES = 4 << 20  # one pread: large enough that hashing it releases the GIL for long
 MAX_THREADS = 16  # a 16 GB input on a 128-core host does not need 128 threads (16 reach ≈ 10 GB/s)
@@ -111,13 +113,6 @@ class StreamChunkHasher:
             self._thread.join()
 
 
-def usable_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def _chunk_sha256(fd: int, offset: int, length: int) -> str:
     digest, buf = hashlib.sha256(), bytearray(min(READ_BYTES, max(length, 1)))
     view, end = memoryview(buf), offset + length
@@ -152,4 +147,4 @@ def mismatch(path: str | os.PathLike, expected: ChunkDigests, threads: int | Non
     return None
 
 
-__all__ = ["CHUNK_BYTES", "ChunkDigests", "StreamChunkHasher", "mismatch", "usable_cpus"]
+__all__ = ["CHUNK_BYTES", "ChunkDigests", "StreamChunkHasher", "mismatch"]
