@@ -33,7 +33,8 @@ def candidate_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                                     f"the step kept by {ft.get('n_held_out')} held out, "
                                     f"{ft.get('loss_description', ft.get('loss'))}, mask fixed "
                                     f"(lr {ft.get('lr')} relative, batch {ft.get('batch_size')}"
-                                    f"{', ' + ft['math'].upper() + ' math' if isinstance(ft.get('math'), str) else ''})"))
+                                    + (f", {ft['math'].upper()} math" if isinstance(ft.get("math"), str) else "")
+                                    + ")"))
     return rows
 
 
